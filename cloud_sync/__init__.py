@@ -1,0 +1,1 @@
+"""Cloud counterpart of edge-runtime. Imports edge_runtime.core only, never onnxruntime or OpenCV."""

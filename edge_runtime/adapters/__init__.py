@@ -1,0 +1,1 @@
+"""Adapters: one module per outside library (onnxruntime, OpenCV, ...), translating its errors into ours."""

@@ -1,0 +1,292 @@
+"""One model's pipeline: read -> preprocess + check -> infer -> postprocess -> metrics.
+
+No threads and no clock of its own beyond ``perf_counter_ns`` for stage timing: the runtime drives
+``step()`` from one thread per pipeline, and ``bench`` drives the very same ``step()`` to measure the
+agent loop against bare ``session.run``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.core.metrics import PipelineMetrics
+from edge_runtime.core.preprocess import METADATA_KEY, Preprocessor, PreprocessSpec, ResizeFn, resize_nearest
+from edge_runtime.core.spec import ModelSpec, SampleValidator
+from edge_runtime.errors import ConfigError, InputValidationError, ModelLoadError
+from edge_runtime.sources import EndOfSource, Record, Source
+
+log = logging.getLogger(__name__)
+
+ResultSink = Callable[[list[Record], np.ndarray | None, np.ndarray | None, list[Any]], None]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model's file, preprocessing and identity come from (a .onnx file or a bundle dir)."""
+
+    model_path: Path
+    name: str
+    version: str | None
+    preprocess: PreprocessSpec | None
+    preprocess_origin: str | None
+
+
+def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = None) -> ModelRef:
+    """A bundle directory (``model.onnx`` + ``manifest.json``) or an .onnx file. The preprocessing
+    spec comes from the manifest, else ``<model>.preprocess.json``, else the model's metadata."""
+    p = Path(path_or_bundle)
+    name, version, spec, origin = p.stem, None, None, None
+    if p.is_dir():
+        manifest = p / "manifest.json"
+        model = p / "model.onnx"
+        if not model.is_file():
+            raise ModelLoadError(f"{p} is a directory without model.onnx: not a model bundle")
+        if manifest.is_file():
+            try:
+                m = json.loads(manifest.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ModelLoadError(f"{manifest}: not valid JSON: {e}") from e
+            name = str(m.get("name", p.name))
+            version = str(m["version"]) if "version" in m else None
+            if m.get("preprocess"):
+                spec, origin = PreprocessSpec.from_dict(m["preprocess"], str(manifest)), str(manifest)
+        else:
+            name = p.name
+        p = model
+    elif not p.is_file():
+        raise ModelLoadError(f"model not found: {p}")
+    if spec is None:
+        side = p.with_suffix(".preprocess.json")
+        if side.is_file():
+            try:
+                spec = PreprocessSpec.from_dict(json.loads(side.read_text(encoding="utf-8")), str(side))
+            except ValueError as e:
+                raise ConfigError(f"not valid JSON: {e}", path=str(side)) from e
+            origin = str(side)
+        elif metadata and METADATA_KEY in metadata:
+            origin = f"{p} metadata '{METADATA_KEY}'"
+            try:
+                spec = PreprocessSpec.from_dict(json.loads(metadata[METADATA_KEY]), origin)
+            except ValueError as e:
+                raise ConfigError(f"not valid JSON: {e}", path=origin) from e
+    return ModelRef(p, name, version, spec, origin)
+
+
+class Postprocessor:
+    """Top-1 label and score per sample, from the first 2-D float output (scores/probabilities),
+    else from a 1-D integer output (labels). Models with neither are passed through."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.scores_index: int | None = None
+        self.labels_index: int | None = None
+        floats = [i for i, t in enumerate(spec.outputs)
+                  if t.dtype is not None and t.dtype.kind == "f" and t.rank == 2]
+        preferred = [i for i in floats if any(w in spec.outputs[i].name.lower() for w in ("prob", "score"))]
+        if preferred or floats:
+            self.scores_index = (preferred or floats)[0]
+        ints = [i for i, t in enumerate(spec.outputs) if t.dtype is not None and t.dtype.kind in "iu"
+                and t.rank == 1]
+        if ints:
+            self.labels_index = ints[0]
+
+    def labels(self, outputs: list[Any]) -> np.ndarray | None:
+        if self.scores_index is not None:
+            return outputs[self.scores_index].argmax(axis=1)
+        if self.labels_index is not None:
+            return outputs[self.labels_index]
+        return None
+
+    def scores(self, outputs: list[Any]) -> np.ndarray | None:
+        """Top-1 score per sample; only computed when someone consumes it (a prediction sink)."""
+        return outputs[self.scores_index].max(axis=1) if self.scores_index is not None else None
+
+
+class Pipeline:
+    """Runs one model over one source. ``step()`` processes one micro-batch (one sample when
+    ``batch == 1``) and returns False when the source is exhausted."""
+
+    def __init__(self, name: str, engine: Any, source: Source, *, preprocess: PreprocessSpec | None = None,
+                 batch: int = 1, max_wait_s: float = 0.005, resize_fn: ResizeFn = resize_nearest,
+                 sink: ResultSink | None = None, poll_s: float = 0.25) -> None:
+        self.name = name
+        self.engine = engine
+        self.source = source
+        self.spec: ModelSpec = engine.spec
+        max_batch = self.spec.max_batch
+        if batch < 1:
+            raise ConfigError(f"batch must be >= 1, got {batch}")
+        if max_batch is not None and batch > max_batch:
+            inputs = ", ".join(t.describe() for t in self.spec.inputs)
+            raise ConfigError(f"model {name} takes at most {max_batch} sample per run (inputs {inputs}), "
+                              f"got --batch {batch}")
+        self.batch = batch
+        self.max_wait_s = max_wait_s
+        self.poll_s = poll_s
+        self.metrics = PipelineMetrics()
+        self.validate = SampleValidator(self.spec)
+        self.first_input = self.spec.inputs[0].name
+        self.single_input = len(self.spec.inputs) == 1
+        self.preprocessor = (Preprocessor(preprocess, self.first_input, resize_fn)
+                             if preprocess is not None and not preprocess.is_identity else None)
+        self.postprocess = Postprocessor(self.spec)
+        self.sink = sink
+        self.batchable = self.spec.batchable
+        self._runners: dict[int, Any] = {}
+        self.stopping = False
+        self._log_budget: dict[str, int] = {}
+        self.started = time.monotonic()
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Read, check and run one micro-batch. False once the source is exhausted (or stopping)."""
+        if self.batch == 1:
+            return self._step_one()
+        clock = time.perf_counter_ns
+        t0 = clock()
+        records, samples, ended = self._read_batch()
+        t1 = clock()
+        if samples:
+            groups = self._stack(samples)
+            t2 = clock()
+            n = len(samples) if len(groups) == 1 else 1
+            for feeds in groups:
+                self._infer(feeds, records, n, t0, t1, t2)
+                t0 = t1 = t2 = clock()  # a further group has no read or preprocess time of its own
+        return not ended and not self.stopping
+
+    def _step_one(self) -> bool:
+        """``step`` for batch 1, the latency-critical case: the same stages with less bookkeeping."""
+        clock = time.perf_counter_ns
+        t0 = clock()
+        while True:
+            try:
+                rec = self.source.read(self.poll_s)
+            except EndOfSource:
+                return False
+            except InputValidationError as e:
+                self.metrics.inputs += 1
+                self._error(e.reason, 1, str(e))
+                return True
+            if rec is not None:
+                break
+            if self.stopping:
+                return False
+            t0 = clock()  # idle polling is not read time
+        t1 = clock()
+        self.metrics.inputs += 1
+        try:
+            feeds = self._prepare(rec)
+        except InputValidationError as e:
+            self._error(e.reason, 1, str(e))
+            return True
+        if self.batchable:
+            feeds = {k: v[None] for k, v in feeds.items()}
+        t2 = clock()
+        self._infer(feeds, [rec], 1, t0, t1, t2)
+        return True
+
+    def _infer(self, feeds: dict[str, np.ndarray], records: list[Record], n: int,
+               t0: int, t1: int, t2: int) -> None:
+        run = self._runners.get(n)
+        if run is None:
+            run = self._runners[n] = self.engine.runner(n)
+        try:
+            outputs = run(feeds)
+        except Exception as e:  # onnxruntime's runtime errors (e.g. a bad value inside the graph)
+            self._error("inference", n, f"inference failed: {str(e).splitlines()[0][:300]}")
+            return
+        t3 = time.perf_counter_ns()
+        labels = self.postprocess.labels(outputs)
+        if labels is not None:
+            counts = self.metrics.labels
+            if n == 1:
+                lab = int(labels[0])
+                counts[lab] = counts.get(lab, 0) + 1
+            else:
+                for lab in labels.tolist():
+                    counts[lab] = counts.get(lab, 0) + 1
+        if self.sink is not None:
+            self.sink(records, labels, self.postprocess.scores(outputs), outputs)
+        self.metrics.record_batch(t0, t1, t2, t3, time.perf_counter_ns(), n)
+
+    def _read_batch(self) -> tuple[list[Record], list[dict[str, np.ndarray]], bool]:
+        """Records read and the samples among them that passed their checks, and whether the source ended.
+        The first record is waited for (in ``poll_s`` slices, so a stop request is seen); the rest of a
+        micro-batch only until ``max_wait_s`` after the first arrived."""
+        records: list[Record] = []
+        samples: list[dict[str, np.ndarray]] = []
+        deadline = None
+        read = self.source.read
+        while len(samples) < self.batch:
+            if deadline is None:
+                timeout = self.poll_s
+            else:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+            try:
+                rec = read(timeout)
+            except EndOfSource:
+                return records, samples, True
+            except InputValidationError as e:
+                self.metrics.inputs += 1
+                self._error(e.reason, 1, str(e))
+                continue
+            if rec is None:
+                if deadline is None and not samples:
+                    if self.stopping:
+                        return records, samples, True
+                    continue
+                break
+            self.metrics.inputs += 1
+            records.append(rec)
+            try:
+                samples.append(self._prepare(rec))
+            except InputValidationError as e:
+                self._error(e.reason, 1, str(e))
+            if deadline is None and self.batch > 1:
+                deadline = time.monotonic() + self.max_wait_s
+        return records, samples, False
+
+    def _prepare(self, rec: Record) -> dict[str, np.ndarray]:
+        if type(rec) is dict:
+            if self.preprocessor is not None and self.first_input in rec:
+                rec = {**rec, self.first_input: self.preprocessor(rec[self.first_input])}
+            return self.validate(rec)
+        if not self.single_input:
+            raise InputValidationError("missing_input", ", ".join(self.spec.input_names[1:]),
+                                       f"named inputs {list(self.spec.input_names)}", "one unnamed array")
+        if self.preprocessor is not None:
+            rec = self.preprocessor(rec)
+        return self.validate({self.first_input: rec})
+
+    def _stack(self, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """One stacked feed; samples whose dynamic dims differ cannot share one, so each runs alone."""
+        if len(samples) > 1:
+            try:
+                return [{k: np.stack([s[k] for s in samples]) for k in samples[0]}]
+            except ValueError:
+                pass
+        return [{k: v[None] for k, v in s.items()} for s in samples]
+
+    # -- errors and reporting -----------------------------------------------------------------
+
+    def _error(self, reason: str, n: int, message: str) -> None:
+        count = self.metrics.count_error(reason, n)
+        # Log the first few of each reason, then every 1000th, so a bad feed cannot flood the journal.
+        if count <= 5 or count % 1000 == 0:
+            log.warning("%s: %s [%s #%d, input skipped]", self.name, message, reason, count)
+
+    def report(self) -> dict[str, Any]:
+        elapsed = time.monotonic() - self.started
+        return {"name": self.name, "model": self.engine.describe(), "source": self.source.name,
+                "batch": self.batch, "elapsed_s": round(elapsed, 3), **self.metrics.snapshot(elapsed)}

@@ -1,0 +1,161 @@
+"""The agent: hosts one or more pipelines, owns their threads, the signals and the final report.
+
+One thread per pipeline (never per sample). SIGINT/SIGTERM ask every pipeline to stop after the
+batch in hand; the report is written either way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from edge_runtime import __version__
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.pipeline import Pipeline
+from edge_runtime.sources import close_quietly
+from edge_runtime.sysinfo import cpu_seconds, peak_rss_mb, rss_mb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Worker:
+    pipeline: Pipeline
+    max_inputs: int | None
+    thread: threading.Thread | None = None
+    stopped_by: str = "running"
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Agent:
+    def __init__(self, pipelines: list[Pipeline], *, max_inputs: int | None = None,
+                 status_interval_s: float = 30.0, extra_report: dict[str, Any] | None = None) -> None:
+        if not pipelines:
+            raise ValueError("an agent needs at least one pipeline")
+        self.workers = [_Worker(p, max_inputs) for p in pipelines]
+        self.status_interval_s = status_interval_s
+        self.extra_report = extra_report or {}
+        self.stop_reason: str | None = None
+        self._stop = threading.Event()
+        self.started_at = datetime.now(UTC)
+        self._t0 = time.monotonic()
+        self._cpu0 = cpu_seconds()
+
+    def stop(self, reason: str = "stopped") -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stop.set()
+        for w in self.workers:
+            w.pipeline.stopping = True
+
+    def _work(self, w: _Worker) -> None:
+        p = w.pipeline
+        step = p.step
+        limit = w.max_inputs
+        try:
+            while not self._stop.is_set():
+                if not step():
+                    w.stopped_by = self.stop_reason if p.stopping else "end_of_source"
+                    break
+                if limit is not None and p.metrics.inputs >= limit:
+                    w.stopped_by = "max_inputs"
+                    break
+            else:
+                w.stopped_by = self.stop_reason or "stopped"
+        except Exception as e:  # a source that died (camera unplugged); the other pipelines go on
+            w.stopped_by, w.error = "error", f"{type(e).__name__}: {e}"
+            if isinstance(e, EdgeRuntimeError):
+                log.error("pipeline %s stopped: %s", p.name, w.error)  # noqa: TRY400 - expected, no trace
+            else:
+                log.exception("pipeline %s stopped", p.name)
+        finally:
+            close_quietly(p.source)
+            w.done.set()
+
+    def run(self) -> dict[str, Any]:
+        """Run every pipeline to its end (source exhausted, --max-inputs, or a stop request)."""
+        with _signals(self):
+            for w in self.workers:
+                w.thread = threading.Thread(target=self._work, args=(w,), name=f"pipeline-{w.pipeline.name}",
+                                            daemon=True)
+                w.thread.start()
+            next_status = time.monotonic() + self.status_interval_s
+            while not all(w.done.is_set() for w in self.workers):
+                # Short waits keep signal handling prompt; an idle agent wakes twice a second at most.
+                self.workers[0].done.wait(0.5)
+                if self.status_interval_s > 0 and time.monotonic() >= next_status:
+                    next_status += self.status_interval_s
+                    log.info("%s", self.status_line())
+            for w in self.workers:
+                assert w.thread is not None
+                w.thread.join()
+        return self.report()
+
+    def status_line(self) -> str:
+        parts = []
+        elapsed = time.monotonic() - self._t0
+        for w in self.workers:
+            m = w.pipeline.metrics
+            lat = m.stages["latency"]
+            p50 = lat.quantile(0.5) / 1000 if lat.count else float("nan")
+            p99 = lat.quantile(0.99) / 1000 if lat.count else float("nan")
+            parts.append(f"{w.pipeline.name}: {m.predictions / max(elapsed, 1e-9):.1f}/s, "
+                         f"p50 {p50:.0f} us, p99 {p99:.0f} us, {m.error_total} errors")
+        return "; ".join(parts) + f"; rss {rss_mb():.0f} MB"
+
+    def report(self) -> dict[str, Any]:
+        elapsed = time.monotonic() - self._t0
+        cpu = cpu_seconds() - self._cpu0
+        reasons = {w.stopped_by for w in self.workers}
+        return {
+            "edge_runtime": __version__,
+            **self.extra_report,
+            "started_at": self.started_at.isoformat(timespec="seconds"),
+            "duration_s": round(elapsed, 3),
+            "stopped_by": reasons.pop() if len(reasons) == 1 else sorted(reasons),
+            "cpu_percent": round(100.0 * cpu / elapsed, 1) if elapsed > 0 else 0.0,
+            "rss_mb": rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
+            "pipelines": [{**w.pipeline.report(), "stopped_by": w.stopped_by,
+                           **({"error": w.error} if w.error else {})} for w in self.workers],
+        }
+
+
+@contextmanager
+def _signals(agent: Agent) -> Iterator[None]:
+    """SIGINT/SIGTERM stop the agent cleanly; a second SIGINT interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if agent._stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.info("%s received: stopping after the batch in hand", name)
+        agent.stop(f"signal:{name}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> None:
+    """Write atomically (temp file + rename) so a reader never sees half a report."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(p)

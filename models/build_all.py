@@ -1,0 +1,73 @@
+"""Build every model in this folder into one directory (default models/out).
+
+Why: one command regenerates all build outputs (none are committed) for tests,
+benchmarks and device images. models/ is not a package, so the sibling scripts are
+loaded by path; this works both as a script and when this file is itself loaded by path.
+
+Usage: python models/build_all.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ("build_digits_mlp", "build_cnn", "build_test_models")
+DEFAULT_OUT = HERE / "out"
+
+
+def _log(msg: str) -> None:
+    print(f"[build_all] {msg}", file=sys.stderr)
+
+
+def load_script(name: str) -> ModuleType:
+    """Import models/<name>.py by path (models/ is deliberately not a package)."""
+    spec = importlib.util.spec_from_file_location(f"edge_models_{name}", HERE / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {HERE / name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(out_dir: Path) -> dict[str, Any]:
+    """Run each script's build(out_dir); return {script: summary + build_seconds}."""
+    out_dir = Path(out_dir)
+    results: dict[str, Any] = {}
+    for name in SCRIPTS:
+        start = time.perf_counter()
+        summary = load_script(name).build(out_dir)
+        summary["build_seconds"] = round(time.perf_counter() - start, 3)
+        results[name] = summary
+        _log(f"{name}: {summary['build_seconds']:.2f} s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: build everything into --out, log to stderr, one JSON line to stdout."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})"
+    )
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    results = build(args.out)
+    digits, cnn = results["build_digits_mlp"], results["build_cnn"]
+    _log(f"digits_mlp ONNX test accuracy {digits['onnx_test_accuracy']:.4f}")
+    _log(f"cnn batch-1 median latency {cnn['latency_ms_batch1']['median']:.3f} ms (random weights)")
+    _log(f"test models: {', '.join(results['build_test_models']['models'])}")
+    files = sorted(p.name for p in Path(args.out).iterdir() if p.is_file())
+    _log(f"all built in {time.perf_counter() - start:.2f} s -> {args.out}: {', '.join(files)}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
