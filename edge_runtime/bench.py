@@ -23,6 +23,7 @@ class RepeatSource:
     """The same records over and over, at no cost: what `bench` feeds the agent loop."""
 
     name = "bench"
+    preprocessed = True
 
     def __init__(self, records: list[Record]) -> None:
         self._records = records

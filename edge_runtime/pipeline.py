@@ -135,7 +135,8 @@ class Pipeline:
         self.first_input = self.spec.inputs[0].name
         self.single_input = len(self.spec.inputs) == 1
         self.preprocessor = (Preprocessor(preprocess, self.first_input, resize_fn)
-                             if preprocess is not None and not preprocess.is_identity else None)
+                             if preprocess is not None and not preprocess.is_identity
+                             and not getattr(source, "preprocessed", False) else None)
         self.postprocess = Postprocessor(self.spec)
         self.sink = sink
         self.batchable = self.spec.batchable

@@ -32,7 +32,11 @@ class EndOfSource(Exception):
 
 
 class Source(Protocol):
+    """``preprocessed`` is True for sources whose records are model tensors already (synthetic):
+    the model's preprocessing spec is not applied to them."""
+
     name: str
+    preprocessed: bool
 
     def read(self, timeout: float | None = None) -> Record | None: ...
 
@@ -45,6 +49,8 @@ SOURCE_HELP = ("synthetic[:HZ] | npy:FILE(.npy/.npz) | csv:FILE | stdin | video:
 class SyntheticSource:
     """Random inputs matching the model spec, cycled from a small pre-made pool so that reading costs
     next to nothing; ``synthetic:10`` paces them at 10 per second."""
+
+    preprocessed = True
 
     def __init__(self, spec: ModelSpec, rate_hz: float | None = None, pool: int = 16,
                  overrides: dict[str, tuple[int, ...]] | None = None, dims: dict[str, int] | None = None,
@@ -77,13 +83,19 @@ class SyntheticSource:
 
 
 class ArraySource:
-    """Rows of a .npy array (one input) or of each array in a .npz (named inputs), memory-mapped."""
+    """Rows of a .npy array (one input) or of each array in a .npz (named inputs). Files up to
+    ``MMAP_ABOVE`` bytes are read into memory (a row is then a cheap view); larger ones are mapped."""
+
+    MMAP_ABOVE = 256 * 1024 * 1024
+
+    preprocessed = False
 
     def __init__(self, path: str, loop: bool = False) -> None:
         self.name = f"npy:{path}"
         self.loop = loop
         try:
-            obj = np.load(path, mmap_mode="r", allow_pickle=False)
+            big = Path(path).stat().st_size > self.MMAP_ABOVE
+            obj = np.load(path, mmap_mode="r" if big else None, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise SourceError(f"cannot read {path}: {e}") from e
         if isinstance(obj, np.lib.npyio.NpzFile):
@@ -117,6 +129,8 @@ class ArraySource:
 
 class CsvSource:
     """Numeric CSV rows -> float64 vectors; a first row that is not numeric is taken as a header."""
+
+    preprocessed = False
 
     def __init__(self, path: str, loop: bool = False) -> None:
         self.name = f"csv:{path}"
@@ -171,6 +185,8 @@ class StdinSource:
     ``{"input_name": [...], ...}``. Waits with select(), so an idle agent uses no CPU."""
 
     MAX_LINE = 16 * 1024 * 1024
+
+    preprocessed = False
 
     def __init__(self, fd: int | None = None) -> None:
         self.name = "stdin"

@@ -6,33 +6,18 @@ builds once into a temporary directory and the tests inspect the outputs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
-pytest.importorskip("onnx")
-pytest.importorskip("skl2onnx")
-pytest.importorskip("sklearn")
-ort = pytest.importorskip("onnxruntime")
+from tests.conftest import load_script
 
 pytestmark = pytest.mark.integration
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-
-
-def load_script(name: str) -> ModuleType:
-    """Import models/<name>.py by path."""
-    spec = importlib.util.spec_from_file_location(f"models_{name}", MODELS_DIR / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def session(path: Path) -> Any:

@@ -27,6 +27,8 @@ def resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 class VideoSource:
+    preprocessed = False
+
     def __init__(self, path: str, loop: bool = False) -> None:
         from edge_runtime.sources import EndOfSource
 
@@ -55,6 +57,8 @@ class VideoSource:
 class CameraSource:
     """A V4L2 camera (index or device path) or a stream URL. Read failures are retried; after
     ``max_failures`` in a row (camera unplugged) the source gives up with a SourceError."""
+
+    preprocessed = False
 
     def __init__(self, device: int | str, max_failures: int = 50) -> None:
         self.name = f"camera:{device}"

@@ -17,7 +17,7 @@ import numpy as np
 SUB_BITS = 7
 SUB = 1 << SUB_BITS
 MAX_BITS = 43  # 2**43 ns is about 2.4 hours; larger values land in the last bucket (max stays exact)
-N_BUCKETS = (MAX_BITS - SUB_BITS) * SUB
+N_BUCKETS = (MAX_BITS - SUB_BITS + 1) * SUB
 _MAX_VALUE = (1 << MAX_BITS) - 1
 
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99, "p99.9": 0.999}

@@ -15,6 +15,9 @@ from edge_runtime.core.spec import ModelSpec, TensorSpec
 from edge_runtime.errors import EdgeRuntimeError
 
 # Names that usually mean a recurrent state or a cache: fed as zeros, as a first step would be.
+# Symbolic dims that mean "batch" even where the model is not batched on axis 0 of every input.
+BATCH_DIM_NAMES = frozenset({"batch", "batch_size", "batchsize", "n", "b", "bs", "num_samples"})
+
 _STATE_NAME = re.compile(r"(^|[_./])(h|c|h0|c0|state|states|hidden|cell|past|cache|memory)([_./]|\d|$)",
                          re.IGNORECASE)
 
@@ -62,7 +65,7 @@ def resolve_shape(t: TensorSpec, overrides: Mapping[str, tuple[int, ...]], batch
             shape.append(d)
         elif dims and isinstance(d, str) and d in dims:
             shape.append(dims[d])
-        elif i == 0 and batch_axis:
+        elif (i == 0 and batch_axis) or (isinstance(d, str) and d.lower() in BATCH_DIM_NAMES):
             shape.append(batch)
         else:
             label = f"'{d}'" if d else "unnamed"

@@ -8,6 +8,7 @@ adds it, or stacks samples into a micro-batch. Otherwise a sample is the model's
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,9 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.errors import InputValidationError
+
+# The fast finiteness check overflows or meets NaN on purpose; numpy's warnings about it are noise.
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=__name__)
 
 Dim = int | str | None  # a fixed size, a symbolic name, or unknown
 

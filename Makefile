@@ -1,0 +1,57 @@
+# The two commands of the quick start. Both work on a fresh Debian machine with Python 3.11 and apt.
+#   make demo   set up .venv, build the sample model, run the agent on it, benchmark it
+#   make test   set up .venv with the dev extras (and Mosquitto), run ruff and the whole test suite
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODELS := build/models
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[models]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(MODELS)/digits_mlp.onnx: models/build_digits_mlp.py models/build_cnn.py models/build_test_models.py | $(VENV)/.installed-demo
+	$(BIN)/python models/build_all.py --out $(MODELS)
+
+demo: $(VENV)/.installed-demo $(MODELS)/digits_mlp.onnx
+	@echo "== edge-runtime run: the sample digits model over its test set (5000 inputs) =="
+	$(BIN)/edge-runtime run --model $(MODELS)/digits_mlp.onnx --source npy:$(MODELS)/digits_mlp.test_x.npy \
+		--loop --max-inputs 5000 --report-json $(MODELS)/demo-report.json
+	@echo
+	@echo "== edge-runtime bench: agent loop against bare onnxruntime session.run =="
+	$(BIN)/edge-runtime bench --model $(MODELS)/digits_mlp.onnx --seconds 3
+
+# Mosquitto (Debian's package) is the real broker the tests start on a free loopback port.
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's mosquitto (tests start their own broker on loopback)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null; \
+	else \
+		echo "mosquitto is missing: run 'sudo apt-get install mosquitto' (the broker tests need it)"; \
+	fi
+.PHONY: mosquitto
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+
+test: $(VENV)/.installed-dev mosquitto lint
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/loop_overhead.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .ruff_cache .hypothesis
