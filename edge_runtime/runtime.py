@@ -85,7 +85,10 @@ class Agent:
     def run(self) -> dict[str, Any]:
         """Run every pipeline to its end (source exhausted, --max-inputs, or a stop request)."""
         with _signals(self):
+            self._t0 = time.monotonic()
+            self._cpu0 = cpu_seconds()
             for w in self.workers:
+                w.pipeline.started = self._t0
                 w.thread = threading.Thread(target=self._work, args=(w,), name=f"pipeline-{w.pipeline.name}",
                                             daemon=True)
                 w.thread.start()
