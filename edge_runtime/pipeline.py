@@ -132,6 +132,8 @@ class Pipeline:
         self.poll_s = poll_s
         self.metrics = PipelineMetrics()
         self.validate = SampleValidator(self.spec)
+        self.validate_batch = SampleValidator(self.spec, batched=True)
+        self._input_set = frozenset(self.spec.input_names)
         self.first_input = self.spec.inputs[0].name
         self.single_input = len(self.spec.inputs) == 1
         self.preprocessor = (Preprocessor(preprocess, self.first_input, resize_fn)
@@ -140,7 +142,9 @@ class Pipeline:
         self.postprocess = Postprocessor(self.spec)
         self.sink = sink
         self.batchable = self.spec.batchable
-        self._runners: dict[int, Any] = {}
+        # Build (and so warm up: the IOBinding check runs the model) the runners of the usual batch
+        # sizes now, not on the first input.
+        self._runners: dict[int, Any] = {n: engine.runner(n) for n in {1, batch}}
         self.stopping = False
         self._log_budget: dict[str, int] = {}
         self.started = time.monotonic()
@@ -153,14 +157,13 @@ class Pipeline:
             return self._step_one()
         clock = time.perf_counter_ns
         t0 = clock()
-        records, samples, ended = self._read_batch()
+        records, raw, ended = self._read_batch()
         t1 = clock()
-        if samples:
-            groups = self._stack(samples)
+        if raw:
+            groups = self._check_and_stack(records, raw)
             t2 = clock()
-            n = len(samples) if len(groups) == 1 else 1
-            for feeds in groups:
-                self._infer(feeds, records, n, t0, t1, t2)
+            for feeds, recs in groups:
+                self._infer(feeds, recs, len(recs), t0, t1, t2)
                 t0 = t1 = t2 = clock()  # a further group has no read or preprocess time of its own
         return not ended and not self.stopping
 
@@ -185,7 +188,7 @@ class Pipeline:
         t1 = clock()
         self.metrics.inputs += 1
         try:
-            feeds = self._prepare(rec)
+            feeds = self.validate(self._to_sample(rec))
         except InputValidationError as e:
             self._error(e.reason, 1, str(e))
             return True
@@ -219,15 +222,15 @@ class Pipeline:
             self.sink(records, labels, self.postprocess.scores(outputs), outputs)
         self.metrics.record_batch(t0, t1, t2, t3, time.perf_counter_ns(), n)
 
-    def _read_batch(self) -> tuple[list[Record], list[dict[str, np.ndarray]], bool]:
-        """Records read and the samples among them that passed their checks, and whether the source ended.
-        The first record is waited for (in ``poll_s`` slices, so a stop request is seen); the rest of a
-        micro-batch only until ``max_wait_s`` after the first arrived."""
+    def _read_batch(self) -> tuple[list[Record], list[dict[str, Any]], bool]:
+        """Up to ``batch`` records and their samples (preprocessed, not yet checked), and whether the
+        source ended. The first record is waited for (in ``poll_s`` slices, so a stop request is
+        seen); the rest of a micro-batch only until ``max_wait_s`` after the first arrived."""
         records: list[Record] = []
-        samples: list[dict[str, np.ndarray]] = []
+        raw: list[dict[str, Any]] = []
         deadline = None
         read = self.source.read
-        while len(samples) < self.batch:
+        while len(raw) < self.batch:
             if deadline is None:
                 timeout = self.poll_s
             else:
@@ -237,47 +240,68 @@ class Pipeline:
             try:
                 rec = read(timeout)
             except EndOfSource:
-                return records, samples, True
+                return records, raw, True
             except InputValidationError as e:
                 self.metrics.inputs += 1
                 self._error(e.reason, 1, str(e))
                 continue
             if rec is None:
-                if deadline is None and not samples:
+                if deadline is None and not raw:
                     if self.stopping:
-                        return records, samples, True
+                        return records, raw, True
                     continue
                 break
             self.metrics.inputs += 1
-            records.append(rec)
             try:
-                samples.append(self._prepare(rec))
+                raw.append(self._to_sample(rec))
             except InputValidationError as e:
                 self._error(e.reason, 1, str(e))
-            if deadline is None and self.batch > 1:
+                continue
+            records.append(rec)
+            if deadline is None:
                 deadline = time.monotonic() + self.max_wait_s
-        return records, samples, False
+        return records, raw, False
 
-    def _prepare(self, rec: Record) -> dict[str, np.ndarray]:
+    def _to_sample(self, rec: Record) -> dict[str, Any]:
+        """A record as {input name: array}, with the model's preprocessing applied."""
         if type(rec) is dict:
             if self.preprocessor is not None and self.first_input in rec:
                 rec = {**rec, self.first_input: self.preprocessor(rec[self.first_input])}
-            return self.validate(rec)
+            return rec
         if not self.single_input:
             raise InputValidationError("missing_input", ", ".join(self.spec.input_names[1:]),
                                        f"named inputs {list(self.spec.input_names)}", "one unnamed array")
         if self.preprocessor is not None:
             rec = self.preprocessor(rec)
-        return self.validate({self.first_input: rec})
+        return {self.first_input: rec}
 
-    def _stack(self, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        """One stacked feed; samples whose dynamic dims differ cannot share one, so each runs alone."""
-        if len(samples) > 1:
+    def _check_and_stack(self, records: list[Record], raw: list[dict[str, Any]]
+                         ) -> list[tuple[dict[str, np.ndarray], list[Record]]]:
+        """Feeds for a micro-batch, each with the records it holds. The whole batch is stacked and
+        checked at once (one check instead of N); only when that fails are the samples checked one by
+        one, to skip and count just the bad ones. Samples whose dynamic dims differ run one by one."""
+        names = self._input_set
+        if len(raw) > 1 and all(s.keys() == names for s in raw):
             try:
-                return [{k: np.stack([s[k] for s in samples]) for k in samples[0]}]
+                stacked = {k: np.stack([np.asarray(s[k]) for s in raw]) for k in self.spec.input_names}
+                return [(self.validate_batch(stacked), records)]
+            except (InputValidationError, ValueError, TypeError):
+                pass
+        good: list[dict[str, np.ndarray]] = []
+        kept: list[Record] = []
+        for rec, sample in zip(records, raw, strict=True):
+            try:
+                good.append(self.validate(sample))
+            except InputValidationError as e:
+                self._error(e.reason, 1, str(e))
+                continue
+            kept.append(rec)
+        if len(good) > 1:
+            try:
+                return [({k: np.stack([s[k] for s in good]) for k in good[0]}, kept)]
             except ValueError:
                 pass
-        return [{k: v[None] for k, v in s.items()} for s in samples]
+        return [({k: v[None] for k, v in s.items()}, [r]) for s, r in zip(good, kept, strict=True)]
 
     # -- errors and reporting -----------------------------------------------------------------
 

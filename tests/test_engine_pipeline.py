@@ -235,3 +235,39 @@ def test_csv_source_skips_header_and_reports_bad_cells(tmp_path: Path) -> None:
     assert src.read().tolist() == [7, 8, 9]
     with pytest.raises(EndOfSource):
         src.read()
+
+
+@pytest.mark.parametrize("batch", [2, 3, 8])
+def test_micro_batches_give_the_same_answers_and_errors_as_single_runs(digits: OnnxEngine, test_x: np.ndarray,
+                                                                       batch: int) -> None:
+    rng = np.random.default_rng(batch)
+    bad = [np.full(64, np.nan, np.float32), test_x[0][:5], {"input": test_x[0], "other": test_x[0]},
+           np.array(["a"] * 64), {"pixels": test_x[0]}, test_x[:2]]
+    records: list = []
+    for i in range(40):
+        records.append(test_x[i])
+        if rng.random() < 0.3:
+            records.append(bad[int(rng.integers(len(bad)))])
+    single = Pipeline("one", digits, ListSource(records))
+    drain(single)
+    many = Pipeline("many", digits, ListSource(records), batch=batch)
+    drain(many)
+    assert many.metrics.predictions == single.metrics.predictions == 40
+    assert many.metrics.errors == single.metrics.errors and single.metrics.error_total > 0
+    assert many.metrics.labels == single.metrics.labels
+    assert many.metrics.batches < single.metrics.batches
+
+
+def test_prediction_sink_gets_each_record_with_its_label(digits: OnnxEngine, test_x: np.ndarray) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def sink(records: list, labels: np.ndarray, scores: np.ndarray, outputs: list) -> None:
+        assert len(records) == len(labels) == len(scores)
+        seen.extend((int(r[0]), int(lab)) for r, lab in zip(records, labels, strict=True))
+
+    tagged = [np.concatenate([[float(i)], test_x[i][1:]]).astype(np.float32) for i in range(10)]
+    p = Pipeline("s", digits, ListSource([tagged[0], np.full(64, np.nan), *tagged[1:]]), batch=4, sink=sink)
+    drain(p)
+    assert [i for i, _ in seen] == list(range(10))
+    want = digits.session.run(None, {"input": np.stack(tagged)})[1].argmax(axis=1)
+    assert [lab for _, lab in seen] == want.tolist()

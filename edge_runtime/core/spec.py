@@ -103,12 +103,14 @@ class SampleValidator:
     Precomputes everything it can, because it runs before every inference.
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, batched: bool = False) -> None:
+        """``batched``: check whole micro-batches (batch axis included) instead of single samples."""
         self.spec = spec
+        self.batched = batched and spec.batchable
         self._checks: list[tuple[str, np.dtype[Any] | None, tuple[Dim, ...] | None,
                                  tuple[int, ...] | None, bool, str]] = []
         for t in spec.inputs:
-            shape = spec.sample_shape(t)
+            shape = t.shape if self.batched else spec.sample_shape(t)
             fixed = tuple(shape) if shape is not None and all(_is_fixed(d) for d in shape) else None
             is_float = t.dtype is not None and t.dtype.kind == "f"
             self._checks.append((t.name, t.dtype, shape, fixed, is_float,  # type: ignore[arg-type]
@@ -120,7 +122,7 @@ class SampleValidator:
         if shape is None:
             return t.describe()
         per = f"[{','.join(_dim_str(d) for d in shape)}]"
-        if self.spec.batchable:
+        if self.spec.batchable and not self.batched:
             return f"{per} per sample (model input {t.describe()}, the agent adds the batch axis)"
         return per
 
