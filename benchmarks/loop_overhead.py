@@ -145,18 +145,24 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_cases(models_dir: Path, repeats: int, seconds: float, profile: str | None) -> list[dict[str, Any]]:
+def run_cases(models_dir: Path, repeats: int, seconds: float, profile: str | None,
+              errors: list[str]) -> list[dict[str, Any]]:
+    """Every case in turn; a case that fails is recorded in ``errors`` and the others still run."""
     cases = []
     for name, model, batch in CASES:
         runs = []
-        for i in range(repeats):
-            log(f"bench {name}: repeat {i + 1}/{repeats} ({seconds:g} s)")
-            r = run_bench_once(models_dir / model, batch, seconds, profile)
-            if r.get("agent_errors"):
-                raise StepError(f"bench {name}: the agent loop counted {r['agent_errors']} errors")
-            log(f"bench {name}: bare {r['bare_us']:.2f} us, agent {r['agent_us']:.2f} us, "
-                f"overhead {r['overhead_us']:+.2f} us, infer p99/p50 {r['agent_infer_p99_over_p50']}")
-            runs.append(r)
+        try:
+            for i in range(repeats):
+                log(f"bench {name}: repeat {i + 1}/{repeats} ({seconds:g} s)")
+                r = run_bench_once(models_dir / model, batch, seconds, profile)
+                if r.get("agent_errors"):
+                    raise StepError(f"the agent loop counted {r['agent_errors']} errors")
+                log(f"bench {name}: bare {r['bare_us']:.2f} us, agent {r['agent_us']:.2f} us, "
+                    f"overhead {r['overhead_us']:+.2f} us, infer p99/p50 {r['agent_infer_p99_over_p50']}")
+                runs.append(r)
+        except (StepError, subprocess.TimeoutExpired) as e:
+            errors.append(f"bench {name}: {e}")
+            continue
         cases.append({"case": name, "model": model, "batch": batch, "summary": summarise(runs), "runs": runs})
     return cases
 
@@ -287,27 +293,28 @@ def evaluate_targets(cases: list[dict[str, Any]], idle: dict[str, Any] | None) -
 
     v = _med(cases, "digits_mlp b1", "overhead_us")
     add("loop overhead, digits_mlp batch 1 (median us)", v, MAX_OVERHEAD_US_TINY,
-        None if v is None else v <= MAX_OVERHEAD_US_TINY, f"{v} us <= {MAX_OVERHEAD_US_TINY} us")
+        None if v is None else v <= MAX_OVERHEAD_US_TINY, f"{_fmt(v)} us <= {MAX_OVERHEAD_US_TINY} us")
     v = _med(cases, "cnn b1", "overhead_pct")
     add("loop overhead, cnn batch 1 (median % of bare)", v, MAX_OVERHEAD_PCT_CNN,
         None if v is None else v <= MAX_OVERHEAD_PCT_CNN,
-        f"{'n/a' if v is None else f'{v:.2f}'} % <= {MAX_OVERHEAD_PCT_CNN} %")
+        f"{_fmt(v)} % <= {MAX_OVERHEAD_PCT_CNN} %")
     per_case = {c["case"]: _med(cases, c["case"], "agent_infer_p99_over_p50") for c in cases}
     vals = [x for x in per_case.values() if x is not None]
     add("agent infer p99/p50 (every case)", per_case, MAX_INFER_P99_OVER_P50,
         None if not vals else max(vals) <= MAX_INFER_P99_OVER_P50,
-        ", ".join(f"{k} {x}" for k, x in per_case.items()) + f" (each <= {MAX_INFER_P99_OVER_P50})")
+        (", ".join(f"{k} {_fmt(x)}" for k, x in per_case.items()) or "n/a")
+        + f" (each <= {MAX_INFER_P99_OVER_P50})")
     v = idle["cpu_percent"] if idle else None
     add("idle agent CPU (% of one core)", v, MAX_IDLE_CPU_PCT,
-        None if v is None else v < MAX_IDLE_CPU_PCT, f"{v} % < {MAX_IDLE_CPU_PCT} %")
+        None if v is None else v < MAX_IDLE_CPU_PCT, f"{_fmt(v, '.3f')} % < {MAX_IDLE_CPU_PCT} %")
     # RSS of the agent process with the tiny model: the idle `run` agent's peak (VmHWM), which
     # includes loading; the bench process (which also holds the benchmark's arrays) is shown beside it.
     v = idle["peak_rss_mb"] if idle else None
     bench_rss = _med(cases, "digits_mlp b1", "peak_rss_mb")
     add("agent RSS, digits_mlp (MB, peak of the run agent)", v, MAX_RSS_MB,
         None if v is None else v <= MAX_RSS_MB,
-        f"run agent peak {v} MB, now {idle['rss_mb'] if idle else None} MB; "
-        f"bench process peak {bench_rss} MB (<= {MAX_RSS_MB} MB)")
+        f"run agent peak {_fmt(v, '.1f')} MB, now {_fmt(idle['rss_mb'] if idle else None, '.1f')} MB; "
+        f"bench process peak {_fmt(bench_rss, '.1f')} MB (<= {MAX_RSS_MB} MB)")
     return targets
 
 
@@ -403,10 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StepError, subprocess.TimeoutExpired) as e:
         errors.append(f"build: {e}")
     if build is not None:
-        try:
-            cases = run_cases(models_dir, repeats, seconds, args.profile)
-        except (StepError, subprocess.TimeoutExpired) as e:
-            errors.append(f"bench: {e}")
+        cases = run_cases(models_dir, repeats, seconds, args.profile, errors)
         try:
             idle = measure_idle(models_dir, idle_s, args.profile)
         except (StepError, OSError, ValueError) as e:
