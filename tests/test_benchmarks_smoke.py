@@ -1,0 +1,31 @@
+"""The benchmark scripts run end to end (short settings), so they cannot rot. Figures are not judged:
+performance is measured in benchmarks, not asserted in tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_loop_overhead_quick(models_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lo.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loop_overhead.py"), "--quick",
+                           "--seconds", "0.3", "--idle-seconds", "1", "--models-dir", str(models_dir),
+                           "--out", str(out)], capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert not r["errors"]
+    assert {c["case"] for c in r["cases"]} == {"digits_mlp b1", "digits_mlp b32", "cnn b1"}
+    for c in r["cases"]:
+        s = c["summary"]
+        assert s["bare_us"]["median"] > 0 and s["agent_us"]["median"] > 0
+    assert r["idle"]["report_written"] and r["idle"]["exit_code"] == 0
+    assert "Targets" in proc.stdout
