@@ -10,31 +10,21 @@ Usage: python models/build_all.py [--out DIR]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_script, logger
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("build_digits_mlp", "build_cnn", "build_test_models")
 DEFAULT_OUT = HERE / "out"
 
 
-def _log(msg: str) -> None:
-    print(f"[build_all] {msg}", file=sys.stderr)
-
-
-def load_script(name: str) -> ModuleType:
-    """Import models/<name>.py by path (models/ is deliberately not a package)."""
-    spec = importlib.util.spec_from_file_location(f"edge_models_{name}", HERE / f"{name}.py")
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {HERE / name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_log = logger("build_all")
 
 
 def build(out_dir: Path) -> dict[str, Any]:

@@ -16,7 +16,6 @@ Usage: python models/build_cnn.py --out DIR
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cli_main, logger
 
 NAME = "cnn"
 SEED = 0
@@ -52,8 +54,7 @@ WARMUP_RUNS = 20
 TIMED_RUNS = 200
 
 
-def _log(msg: str) -> None:
-    print(f"[{NAME}] {msg}", file=sys.stderr)
+_log = logger(NAME)
 
 
 def make_model(seed: int = SEED) -> Any:
@@ -191,15 +192,7 @@ def build(out_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: build into --out, log to stderr, one JSON line to stdout."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    summary = build(args.out)
-    _log(f"built in {time.perf_counter() - start:.2f} s -> {args.out}")
-    print(json.dumps(summary))
-    return 0
+    return cli_main(build, __doc__, Path(__file__).stem, argv)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,15 @@ Usage: python models/build_digits_mlp.py --out DIR
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cli_main, logger
 
 NAME = "digits_mlp"
 SEED = 0
@@ -30,8 +31,7 @@ TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 MAX_IR_VERSION = 9
 
 
-def _log(msg: str) -> None:
-    print(f"[{NAME}] {msg}", file=sys.stderr)
+_log = logger(NAME)
 
 
 def build(out_dir: Path) -> dict[str, Any]:
@@ -106,15 +106,7 @@ def build(out_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: build into --out, log to stderr, one JSON line to stdout."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    summary = build(args.out)
-    _log(f"built in {time.perf_counter() - start:.2f} s -> {args.out}")
-    print(json.dumps(summary))
-    return 0
+    return cli_main(build, __doc__, Path(__file__).stem, argv)
 
 
 if __name__ == "__main__":

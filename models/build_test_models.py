@@ -16,14 +16,14 @@ Usage: python models/build_test_models.py --out DIR
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cli_main, logger
 
 NAME = "test_models"
 SEED = 0
@@ -34,8 +34,7 @@ VOCAB = 100
 EMBED = 16
 
 
-def _log(msg: str) -> None:
-    print(f"[{NAME}] {msg}", file=sys.stderr)
+_log = logger(NAME)
 
 
 def _finish(graph: Any, doc: str) -> Any:
@@ -187,15 +186,7 @@ def build(out_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: build into --out, log to stderr, one JSON line to stdout."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    summary = build(args.out)
-    _log(f"built in {time.perf_counter() - start:.2f} s -> {args.out}")
-    print(json.dumps(summary))
-    return 0
+    return cli_main(build, __doc__, Path(__file__).stem, argv)
 
 
 if __name__ == "__main__":

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"
 
-
-def load_script(name: str) -> ModuleType:
-    """Import models/<name>.py by path (models/ holds scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"models_{name}", MODELS_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(MODELS_DIR))
+from _common import load_script  # noqa: E402 - models/ holds scripts, not a package
 
 
 @pytest.fixture(scope="session")
