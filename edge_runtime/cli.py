@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--status-interval", type=float, default=30.0, metavar="S",
                      help="log a status line every S seconds (0: never; default 30)")
     run.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
+    run.add_argument("--key", action="append", default=[], metavar="PUB",
+                     help="public key that bundles must be signed with (repeatable; also "
+                          "$EDGE_RUNTIME_PUBLIC_KEYS and /etc/edge-runtime/keys/*.pub)")
     _add_common(run)
 
     bench = sub.add_parser(
@@ -89,6 +92,59 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=float, default=0.5, metavar="S", help="warm-up seconds (default 0.5)")
     bench.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     _add_common(bench)
+
+    keygen = sub.add_parser("keygen", help="create an ed25519 key pair for signing bundles",
+                            description="Write PREFIX (private key, mode 0600) and PREFIX.pub (public key "
+                                        "for devices). Needs the signing extra.")
+    keygen.add_argument("--out", required=True, metavar="PREFIX")
+    keygen.add_argument("--force", action="store_true", help="overwrite existing key files")
+    keygen.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    bundle = sub.add_parser("bundle", help="create, verify and inspect signed model bundles",
+                            description="Signed model bundles: a model, its manifest, reference profile, "
+                                        "smoke test and an ed25519 signature.")
+    bsub = bundle.add_subparsers(dest="bundle_command", metavar="ACTION")
+    create = bsub.add_parser("create", help="build and sign a bundle",
+                             description="Build a bundle from a model and sign its manifest.")
+    create.add_argument("--model", required=True, metavar="M", help="an .onnx file (or a bundle directory)")
+    create.add_argument("--version", required=True, metavar="V", help="integer or semantic version (1.2.0)")
+    create.add_argument("--key", required=True, metavar="PRIV", help="private key from `edge-runtime keygen`")
+    create.add_argument("--out", required=True, metavar="DIR", help="bundle directory to create (or .tar)")
+    create.add_argument("--name", metavar="N", help="model name (default: the model file's name)")
+    create.add_argument("--reference", metavar="X.npy", help="training data: the reference profile for drift")
+    create.add_argument("--labels", metavar="Y.npy", help="labels of --reference (accuracy on it)")
+    create.add_argument("--test-data", metavar="X.npy", help="held-out data: the accuracy recorded at build")
+    create.add_argument("--test-labels", metavar="Y.npy", help="labels of --test-data")
+    create.add_argument("--preprocess", metavar="SPEC",
+                        help="preprocessing spec as JSON or a path to a JSON file (default: the model's own)")
+    create.add_argument("--for-profile", action="append", default=[], metavar="P",
+                        help="device profile this bundle is meant for (repeatable; default: any)")
+    create.add_argument("--device-tag", action="append", default=[], metavar="TAG",
+                        help="device tag this bundle is meant for (repeatable)")
+    create.add_argument("--expires", metavar="TIME", help="expiry time, ISO 8601 (2027-01-31T00:00:00Z)")
+    create.add_argument("--quantize-report", metavar="FILE",
+                        help="quantize_report.json to record (default: the one beside the model, if any)")
+    create.add_argument("--archive", action="store_true", help="write one .tar instead of a directory")
+    create.add_argument("--smoke-samples", type=int, default=8, metavar="N",
+                        help="inputs in the smoke test (default 8)")
+    create.add_argument("--profile", metavar="P", help="device profile for the build-time runs")
+    create.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    verify = bsub.add_parser("verify", help="check a bundle's signature, files, model and smoke test",
+                             description="Verify a bundle: signature, every file's size and sha256, no "
+                                         "missing or extra file, constraints, onnx's checker, smoke run.")
+    verify.add_argument("bundle", metavar="DIR", help="bundle directory or .tar")
+    verify.add_argument("--key", action="append", required=True, metavar="PUB",
+                        help="public key file (repeatable: any of them may have signed it)")
+    verify.add_argument("--profile", metavar="P",
+                        help="device profile for the constraints check and the smoke run (default: detected)")
+    verify.add_argument("--no-smoke", action="store_true", help="skip the smoke run")
+    verify.add_argument("--json", action="store_true")
+    verify.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    insp = bsub.add_parser("inspect", help="show a bundle's manifest without verifying it",
+                           description="Print what a bundle says about itself (no verification).")
+    insp.add_argument("bundle", metavar="DIR", help="bundle directory or .tar")
+    insp.add_argument("--json", action="store_true")
+    insp.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
     prof = sub.add_parser("profiles", help="list device profiles and the one this machine matches",
                           description="List the device profiles found, mark the one detected for this "
@@ -114,12 +170,41 @@ def _profile(arg: str | None) -> Any:
     return load_profile(arg) if arg else detect_profile()
 
 
-def _load(path: str, profile: Any, name: str | None = None) -> tuple[Any, Any]:
+def _public_key_paths(explicit: list[str]) -> list[str]:
+    paths = list(explicit)
+    env = os.environ.get("EDGE_RUNTIME_PUBLIC_KEYS")
+    if env:
+        paths += [p for p in env.split(os.pathsep) if p]
+    keydir = Path(os.environ.get("EDGE_RUNTIME_KEY_DIR", "/etc/edge-runtime/keys"))
+    if keydir.is_dir():
+        paths += [str(p) for p in sorted(keydir.glob("*.pub"))]
+    return paths
+
+
+def _load(path: str, profile: Any, name: str | None = None, keys: list[str] | None = None) -> tuple[Any, Any]:
+    """An engine and its model reference; a bundle is verified first when a public key is configured."""
     from edge_runtime.adapters.onnx_engine import OnnxEngine
+    from edge_runtime.bundle import is_bundle, load_public_keys, open_bundle, verify_bundle
     from edge_runtime.pipeline import resolve_model
 
+    engine = None
+    if is_bundle(path):
+        key_paths = _public_key_paths(keys or [])
+        if key_paths:
+            verified = verify_bundle(path, load_public_keys(key_paths), profile=profile)
+            log.info("bundle %s %s verified (key %s): %s", verified.manifest.get("name"),
+                     verified.manifest.get("version"), verified.key_id,
+                     ", ".join(c["check"] for c in verified.checks))
+            path, engine = str(verified.directory), verified.engine
+        else:
+            log.warning("bundle %s is NOT verified: no public key configured (--key, "
+                        "$EDGE_RUNTIME_PUBLIC_KEYS or /etc/edge-runtime/keys/*.pub)", path)
+            path = str(open_bundle(path))
     ref = resolve_model(path)
-    engine = OnnxEngine(ref.model_path, profile, name=name or ref.name)
+    if engine is None:
+        engine = OnnxEngine(ref.model_path, profile, name=name or ref.name)
+    elif name:
+        engine.name = name
     if ref.preprocess is None:  # metadata is only readable once the session exists
         ref = resolve_model(path, engine.metadata)
     return engine, ref
@@ -148,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         name, sep, path = model_arg.partition("=")
         if not sep or not name or "/" in name:
             name, path = None, model_arg
-        engine, ref = _load(path, profile, name)
+        engine, ref = _load(path, profile, name, args.key)
         pname = name or ref.name
         if pname in names:
             pname = f"{pname}-{i}"
@@ -251,6 +336,81 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from edge_runtime.bundle import _ed25519
+
+    ed = _ed25519()
+    priv, pub = ed.write_keypair(ed.generate(), args.out, force=args.force)
+    key = ed.read_public(pub)
+    print(f"private key {priv} (mode 0600: keep it off devices)\npublic key  {pub} (key id {key.key_id})")
+    return EXIT_OK
+
+
+def _preprocess_arg(spec: str | None) -> dict[str, Any] | None:
+    from edge_runtime.core.preprocess import PreprocessSpec
+
+    if spec is None:
+        return None
+    text = Path(spec).read_text(encoding="utf-8") if Path(spec).is_file() else spec
+    try:
+        d = json.loads(text)
+    except ValueError as e:
+        raise EdgeRuntimeError(f"--preprocess must be JSON or a JSON file: {e}") from e
+    return PreprocessSpec.from_dict(d, "--preprocess").to_dict()
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from edge_runtime import bundle as b
+
+    if args.bundle_command == "create":
+        opts = b.CreateOptions(
+            name=args.name, reference=args.reference, labels=args.labels, test_data=args.test_data,
+            test_labels=args.test_labels, preprocess=_preprocess_arg(args.preprocess),
+            profiles=args.for_profile, device_tags=args.device_tag, expires_at=args.expires,
+            quantize_report=args.quantize_report, smoke_samples=args.smoke_samples, archive=args.archive)
+        out = b.create_bundle(args.model, args.version, args.key, args.out, opts, _profile(args.profile),
+                              progress=lambda m: print(m, file=sys.stderr))
+        print(f"bundle written: {out}")
+        return EXIT_OK
+    if args.bundle_command == "verify":
+        profile = _profile(args.profile)
+        try:
+            v = b.verify_bundle(args.bundle, b.load_public_keys(args.key), profile=profile,
+                                smoke=not args.no_smoke)
+        except b.BundleError as e:
+            if args.json:
+                print(json.dumps({"ok": False, "bundle": args.bundle, "code": e.code, "error": str(e)}))
+            raise
+        result = {"ok": True, "bundle": args.bundle, "name": v.manifest.get("name"),
+                  "version": v.manifest.get("version"), "key_id": v.key_id, "checks": v.checks}
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"OK  {result['name']} {result['version']} signed by {v.key_id}")
+            for c in v.checks:
+                extra = c.get("detail") or c.get("skipped") or ""
+                ms = f"{c['ms']:.1f} ms" if "ms" in c else "skipped"
+                print(f"    {c['check']:14}{ms:>12}  {extra}")
+        return EXIT_OK
+    if args.bundle_command == "inspect":
+        info = b.inspect_bundle(args.bundle)
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            m = info["manifest"]
+            print(f"{m.get('name')} {m.get('version')} (created {m.get('created_at')}, schema {m.get('schema')})")
+            print(f"signature: {info['signature'] or 'MISSING'}")
+            for rel, meta in sorted(m.get("files", {}).items()):
+                print(f"  {rel:32}{meta.get('size', '?'):>12} bytes  sha256 {str(meta.get('sha256'))[:16]}...")
+            for key in ("metrics", "quantization", "reference_profile", "constraints", "preprocess"):
+                if m.get(key):
+                    print(f"{key}: {json.dumps(m[key])}")
+            if info["unlisted_files"] or info["missing_files"]:
+                print(f"unlisted files: {info['unlisted_files']}; missing files: {info['missing_files']}")
+        return EXIT_OK
+    raise EdgeRuntimeError("bundle needs an action: create, verify or inspect (see --help)")
+
+
 def cmd_profiles(args: argparse.Namespace) -> int:
     from edge_runtime.adapters.onnx_engine import available_providers
     from edge_runtime.profiles import available_profiles, detect_profile, parse_profile
@@ -279,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     _setup_logging(args.log_level)
-    handlers = {"run": cmd_run, "bench": cmd_bench, "profiles": cmd_profiles}
+    handlers = {"run": cmd_run, "bench": cmd_bench, "profiles": cmd_profiles, "keygen": cmd_keygen,
+                "bundle": cmd_bundle}
     try:
         return handlers[args.command](args)
     except EdgeRuntimeError as e:

@@ -51,6 +51,40 @@ class MissingExtraError(EdgeRuntimeError):
         self.extra = extra
 
 
+class KeyFileError(EdgeRuntimeError):
+    """A key file is missing, unreadable, too open, or not an edge-runtime ed25519 key."""
+
+
+class BundleError(EdgeRuntimeError):
+    """A model bundle failed a check. ``code`` says which (one of :data:`BUNDLE_ERROR_CODES`), so
+    scripts and the cloud can act on it; the message says what was expected and what was found."""
+
+    def __init__(self, code: str, message: str, *, bundle: str | None = None) -> None:
+        self.code = code
+        self.bundle = bundle
+        super().__init__(f"bundle {bundle}: {message} [{code}]" if bundle else f"{message} [{code}]")
+
+
+BUNDLE_ERROR_CODES = (
+    "not_a_bundle",        # no manifest.json / model.onnx where a bundle was expected
+    "bad_manifest",        # manifest.json is not valid JSON or misses required fields
+    "missing_signature",   # manifest.sig is absent
+    "bad_signature",       # the signature does not verify with the key that it names
+    "unknown_key",         # signed by a key that is not configured on this device
+    "missing_file",        # a file listed in the manifest is absent
+    "extra_file",          # a file is present that the manifest does not list
+    "size_mismatch",       # a file's size differs from the manifest
+    "hash_mismatch",       # a file's sha256 differs from the manifest
+    "onnx_checker",        # onnx.checker rejected the model
+    "model_load",          # onnxruntime could not load the model
+    "smoke_mismatch",      # the smoke run's outputs differ from the expected ones
+    "expired",             # the bundle's expiry time has passed
+    "wrong_profile",       # the bundle is not meant for this device profile
+    "unsafe_archive",      # an archive member is a link, a device, an absolute or parent path, too big
+    "truncated_archive",   # the archive ends early or is not a tar file
+)
+
+
 class InputValidationError(EdgeRuntimeError):
     """One input does not match the model's input spec; the loop counts it by ``reason`` and skips it.
 

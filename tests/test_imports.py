@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("cv2", "onnx", "skl2onnx", "sklearn", "scipy", "starlette", "fastapi", "flask", "uvicorn",
+HEAVY = ("cv2", "onnx", "skl2onnx", "sklearn", "nacl", "scipy", "starlette", "fastapi", "flask", "uvicorn",
          "aiohttp", "jinja2", "matplotlib", "torch")
 
 
@@ -24,7 +24,7 @@ def loaded_after(statement: str) -> set[str]:
     "import edge_runtime",
     "import edge_runtime.cli",
     "from edge_runtime.adapters import onnx_engine",
-    "import edge_runtime.pipeline, edge_runtime.runtime, edge_runtime.bench",
+    "import edge_runtime.pipeline, edge_runtime.runtime, edge_runtime.bench, edge_runtime.bundle",
 ])
 def test_agent_imports_no_optional_library(statement: str) -> None:
     heavy = loaded_after(statement) & set(HEAVY)
@@ -41,7 +41,8 @@ def test_core_and_cloud_do_not_load_onnxruntime_or_opencv(statement: str) -> Non
 
 
 @pytest.mark.parametrize(("module", "owner"), [("onnxruntime", "adapters/onnx_engine.py"),
-                                               ("cv2", "adapters/cv2_source.py")])
+                                               ("cv2", "adapters/cv2_source.py"),
+                                               ("nacl", "adapters/ed25519.py")])
 def test_each_outside_library_is_imported_by_one_adapter(module: str, owner: str) -> None:
     root = Path(__file__).resolve().parent.parent / "edge_runtime"
     pattern = re.compile(rf"^\s*(import {module}\b|from {module}\b)", re.MULTILINE)
