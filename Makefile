@@ -21,7 +21,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(MODELS)/digits_mlp.onnx: models/build_digits_mlp.py models/build_cnn.py models/build_test_models.py | $(VENV)/.installed-demo
+$(MODELS)/digits_mlp.onnx: $(wildcard models/*.py) | $(VENV)/.installed-demo
 	$(BIN)/python models/build_all.py --out $(MODELS)
 
 demo: $(VENV)/.installed-demo $(MODELS)/digits_mlp.onnx

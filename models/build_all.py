@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_script, logger
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("build_digits_mlp", "build_cnn", "build_test_models")
+SCRIPTS = ("build_digits_mlp", "build_tabular", "build_cnn", "build_test_models")
 DEFAULT_OUT = HERE / "out"
 
 
@@ -49,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     results = build(args.out)
-    digits, cnn = results["build_digits_mlp"], results["build_cnn"]
+    digits, tabular, cnn = results["build_digits_mlp"], results["build_tabular"], results["build_cnn"]
     _log(f"digits_mlp ONNX test accuracy {digits['onnx_test_accuracy']:.4f}")
-    _log(f"cnn batch-1 median latency {cnn['latency_ms_batch1']['median']:.3f} ms (random weights)")
+    _log(f"tabular ONNX test accuracy {tabular['onnx_test_accuracy']:.4f}")
+    _log(f"cnn ONNX test accuracy {cnn['onnx_test_accuracy']:.4f} ({cnn['method']}), "
+         f"batch-1 median latency {cnn['latency_ms_batch1']['median']:.3f} ms")
     _log(f"test models: {', '.join(results['build_test_models']['models'])}")
     files = sorted(p.name for p in Path(args.out).iterdir() if p.is_file())
     _log(f"all built in {time.perf_counter() - start:.2f} s -> {args.out}: {', '.join(files)}")

@@ -4,7 +4,8 @@ Why: the runtime needs one real model whose accuracy can be checked end to end. 
 scaler is part of the exported pipeline, so the ONNX model takes RAW pixel rows
 (float32, values 0..16) and callers need no preprocessing knowledge.
 
-Outputs in DIR: digits_mlp.onnx, digits_mlp.test_x.npy (float32 [N,64]),
+Outputs in DIR: digits_mlp.onnx, digits_mlp.train_x.npy (float32 [N,64], the training rows:
+drift reference and quantization calibration data), digits_mlp.test_x.npy (float32 [N,64]),
 digits_mlp.test_y.npy (int64 [N]) and digits_mlp.json (the summary).
 
 Usage: python models/build_digits_mlp.py --out DIR
@@ -76,6 +77,7 @@ def build(out_dir: Path) -> dict[str, Any]:
 
     model_path = out_dir / f"{NAME}.onnx"
     model_path.write_bytes(onx.SerializeToString())
+    np.save(out_dir / f"{NAME}.train_x.npy", x_train.astype(np.float32))
     np.save(out_dir / f"{NAME}.test_x.npy", x_test.astype(np.float32))
     np.save(out_dir / f"{NAME}.test_y.npy", y_test.astype(np.int64))
 
@@ -99,7 +101,8 @@ def build(out_dir: Path) -> dict[str, Any]:
         "output_names": output_names,
         "opset": {d.domain or "ai.onnx": d.version for d in onx.opset_import},
         "ir_version": onx.ir_version,
-        "files": [model_path.name, f"{NAME}.test_x.npy", f"{NAME}.test_y.npy", f"{NAME}.json"],
+        "files": [model_path.name, f"{NAME}.train_x.npy", f"{NAME}.test_x.npy", f"{NAME}.test_y.npy",
+                  f"{NAME}.json"],
     }
     (out_dir / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
