@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true")
     insp.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
+    from edge_runtime import quantize
+
+    quantize.add_parser(sub)
+
     prof = sub.add_parser("profiles", help="list device profiles and the one this machine matches",
                           description="List the device profiles found, mark the one detected for this "
                                       "machine, and show the execution providers onnxruntime has.")
@@ -439,8 +443,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     _setup_logging(args.log_level)
+    from edge_runtime.quantize import cmd_quantize
+
     handlers = {"run": cmd_run, "bench": cmd_bench, "profiles": cmd_profiles, "keygen": cmd_keygen,
-                "bundle": cmd_bundle}
+                "bundle": cmd_bundle, "quantize": cmd_quantize}
     try:
         return handlers[args.command](args)
     except EdgeRuntimeError as e:

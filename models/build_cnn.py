@@ -261,6 +261,10 @@ def fit_head(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     from threadpoolctl import threadpool_limits
 
     scaler = StandardScaler().fit(features)
+    # Floor the per-feature scale: dividing by the near-zero spread of an almost constant feature
+    # would fold weights in the tens of thousands into the Gemm, and int8 quantization of that layer
+    # would round every ordinary weight to zero.
+    scaler.scale_ = np.maximum(scaler.scale_, 0.1 * float(np.median(scaler.scale_)))
     # One BLAS/OpenMP thread: on the 2-core reference box the default threading made this fit take
     # 10-20 s instead of 0.3 s (oversubscription with busy-waiting pools).
     with threadpool_limits(limits=1):

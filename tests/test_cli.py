@@ -17,15 +17,29 @@ from tests.conftest import cli
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("args", [[], ["run"], ["bench"], ["profiles"]])
-def test_help_of_every_command(args: list[str]) -> None:
-    out = cli(*args, "--help").stdout
+HELP_WORDS = {
+    "": ["run", "bench", "profiles", "quantize", "keygen", "bundle"],
+    "run": ["--model", "--source", "--report-json", "--no-sync", "--max-inputs", "--profile", "--batch",
+            "--max-wait-ms", "--key"],
+    "bench": ["--model", "--input-shape", "--batch", "--seconds", "--profile", "--json"],
+    "profiles": ["--json"],
+    "quantize": ["--model", "--calibration", "--out", "--profile", "--input-shape", "--max-accuracy-drop",
+                 "--labels", "--json"],
+    "keygen": ["--out"],
+    "bundle": ["create", "verify", "inspect"],
+    "bundle create": ["--model", "--version", "--key", "--out", "--reference", "--labels", "--preprocess",
+                      "--name", "--archive"],
+    "bundle verify": ["--key", "--json"],
+    "bundle inspect": ["--json"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(HELP_WORDS))
+def test_help_of_every_command(command: str) -> None:
+    out = cli(*command.split(), "--help").stdout
     assert "usage: edge-runtime" in out
-    for word in {"run": ["--model", "--source", "--report-json", "--no-sync", "--max-inputs", "--profile",
-                         "--batch", "--max-wait-ms"],
-                 "bench": ["--model", "--input-shape", "--batch", "--seconds", "--profile", "--json"],
-                 "profiles": ["--json"]}.get(args[0] if args else "", ["run", "bench", "profiles"]):
-        assert word in out
+    for word in HELP_WORDS[command]:
+        assert word in out, word
 
 
 def test_cloud_sync_help() -> None:
