@@ -2,7 +2,8 @@
 
 Variants: ``fp32`` (as is), ``fp32-opt`` (onnxruntime's extended graph optimisations saved to a
 file), ``int8-dynamic``, ``int8-static`` and ``int8-static-perchannel`` (calibrated on the user's
-data), and ``fp16`` on GPU profiles. Each is loaded with the device profile like ``run`` would, its
+data), ``int8-static-perchannel-body`` (only Conv/MatMul/Gemm quantized, the classifier head kept in
+fp32), and ``fp16`` on GPU profiles. Each is loaded with the device profile like ``run`` would, its
 outputs are compared with fp32 on evaluation data, and all are timed in alternating ~50 ms blocks so
 that machine noise hits every variant alike. The pure rule in :mod:`edge_runtime.core.choose` picks
 the fastest variant within the accuracy limit; fp32 is kept when nothing is clearly faster.

@@ -29,3 +29,29 @@ def test_loop_overhead_quick(models_dir: Path, tmp_path: Path) -> None:
         assert s["bare_us"]["median"] > 0 and s["agent_us"]["median"] > 0
     assert r["idle"]["report_written"] and r["idle"]["exit_code"] == 0
     assert "Targets" in proc.stdout
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bundle_verify_quick(models_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bv.json"
+    run_script("bundle_verify.py", "--repeats", "2", "--models-dir", str(models_dir), "--out", str(out))
+    r = json.loads(out.read_text())
+    assert r["bundle_bytes"] > 4_000_000 and r["verify_ms"] > 0 and r["baseline_bare_load_ms"] > 0
+    assert set(r["checks_ms"]) == {"signature", "files", "constraints", "onnx_checker", "smoke"}
+
+
+def test_quantize_all_quick(models_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.json"
+    run_script("quantize_all.py", "--seconds", "0.2", "--models-dir", str(models_dir), "--out", str(out))
+    r = json.loads(out.read_text())
+    assert set(r["reports"]) == {"digits_mlp", "tabular", "cnn"} and not r["failed"]
+    for rep in r["reports"].values():
+        fp32 = next(v for v in rep["variants"] if v["name"] == "fp32")
+        chosen = next(v for v in rep["variants"] if v["name"] == rep["chosen"]["name"])
+        assert chosen["median_us"] <= fp32["median_us"]
