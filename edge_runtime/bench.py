@@ -6,9 +6,10 @@ a noisy neighbour or a CPU frequency change hits both alike; medians and their r
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,46 @@ def _stats(ns: np.ndarray, batch: int) -> dict[str, float]:
             "throughput_per_s": round(batch * ns.size / (ns.sum() / 1e9), 1)}
 
 
+def time_round_robin(runs: Mapping[str, Callable[[], object]], seconds: float, warmup_s: float = 0.5,
+                     block_s: float = 0.05, progress: Callable[[str], None] | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Per-call times (ns) of each callable, measured in alternating blocks of about ``block_s`` until
+    each has ``seconds`` of measured time: a noisy neighbour or a clock change hits all alike.
+    `bench` times bare ``session.run`` against the agent loop with it, `quantize` the variants."""
+    clock = time.perf_counter_ns
+    block: dict[str, int] = {}
+    for name, run in runs.items():
+        warm: list[int] = []
+        t_end = time.monotonic() + warmup_s
+        while time.monotonic() < t_end or len(warm) < 2:
+            t = clock()
+            run()
+            warm.append(clock() - t)
+        per_run_s = max(float(np.median(warm)) / 1e9, 1e-7)
+        block[name] = int(min(max(block_s / per_run_s, 1), 5000))
+    times: dict[str, list[int]] = {name: [] for name in runs}
+    spent = dict.fromkeys(runs, 0)
+    target = int(seconds * 1e9)
+    t0 = time.monotonic()
+    next_progress = t0 + 2.0
+    total_s = seconds * len(runs)
+    while any(s < target for s in spent.values()):
+        for name, run in runs.items():
+            if spent[name] >= target:
+                continue
+            out = times[name]
+            start = len(out)
+            for _ in range(block[name]):
+                t = clock()
+                run()
+                out.append(clock() - t)
+            spent[name] += sum(out[start:])
+        if progress is not None and time.monotonic() >= next_progress:
+            next_progress += 2.0
+            progress(f"timing: {time.monotonic() - t0:.0f}/{total_s:.0f} s")
+    return {name: np.asarray(t, dtype=np.int64) for name, t in times.items()}
+
+
 def run_bench(engine: Any, *, batch: int = 1, seconds: float = 5.0, warmup_s: float = 0.5,
               overrides: dict[str, tuple[int, ...]] | None = None, dims: dict[str, int] | None = None,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -64,41 +105,9 @@ def run_bench(engine: Any, *, batch: int = 1, seconds: float = 5.0, warmup_s: fl
         records = [feeds]
     pipe = Pipeline(engine.name, engine, RepeatSource(records), batch=batch)
     run = engine.session.run
-    clock = time.perf_counter_ns
-
-    def bare_block(n: int, out: list[int]) -> None:
-        for _ in range(n):
-            t = clock()
-            run(None, feeds)
-            out.append(clock() - t)
-
-    def agent_block(n: int, out: list[int]) -> None:
-        step = pipe.step
-        for _ in range(n):
-            t = clock()
-            step()
-            out.append(clock() - t)
-
-    # Warm-up (arena growth, lazy kernels, caches), and a first estimate of one run's duration.
-    warm: list[int] = []
-    t_end = time.monotonic() + warmup_s
-    while time.monotonic() < t_end or len(warm) < 10:
-        bare_block(1, warm)
-        agent_block(1, [])
-    per_run_s = max(float(np.median(warm)) / 1e9, 1e-7)
-    block = int(min(max(0.05 / per_run_s, 1), 5000))  # about 50 ms per block
-    bare: list[int] = []
-    agent: list[int] = []
-    t0 = time.monotonic()
-    next_progress = t0 + 1.0
-    while time.monotonic() - t0 < seconds or not bare:
-        bare_block(block, bare)
-        agent_block(block, agent)
-        if progress is not None and time.monotonic() >= next_progress:
-            next_progress += 1.0
-            progress(f"bench: {time.monotonic() - t0:.0f}/{seconds:.0f} s, {len(bare)} + {len(agent)} runs")
-    b = np.asarray(bare, dtype=np.int64)
-    a = np.asarray(agent, dtype=np.int64)
+    times = time_round_robin({"bare": functools.partial(run, None, feeds), "agent": pipe.step}, seconds / 2, warmup_s,
+                             progress=progress)
+    b, a = times["bare"], times["agent"]
     bare_s, agent_s = _stats(b, batch), _stats(a, batch)
     bare_us, agent_us = float(np.median(b)) / 1e3, float(np.median(a)) / 1e3
     infer = pipe.metrics.stages["infer"]
@@ -108,7 +117,7 @@ def run_bench(engine: Any, *, batch: int = 1, seconds: float = 5.0, warmup_s: fl
         "profile": engine.profile.name,
         "providers": engine.providers,
         "batch": batch,
-        "seconds": round(time.monotonic() - t0, 2),
+        "seconds": round(float(b.sum() + a.sum()) / 1e9, 2),
         "inputs": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in feeds.items()},
         "bare_us": round(bare_us, 2),
         "agent_us": round(agent_us, 2),

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.bench import time_round_robin
 from edge_runtime.core.choose import (
     BASELINE,
     VariantResult,
@@ -59,7 +60,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "quantize", help="build int8/fp16/optimised variants of a model and keep the fastest accurate one",
         description="Quantize a model for this device: build fp32-opt, int8-dynamic, int8-static "
-                    "(per-tensor and per-channel) and, on GPU profiles, fp16 variants; compare each "
+                    "(per-tensor, per-channel, and per-channel on Conv/MatMul/Gemm with the classifier "
+                    "head in fp32) and, on GPU profiles, fp16 variants; compare each "
                     "with fp32 on evaluation data; time all in alternating blocks; copy the fastest "
                     "one within --max-accuracy-drop and at least --min-speedup times faster than fp32 "
                     "to DIR/model.onnx (fp32 when none is). Calibration and evaluation data are model "
@@ -216,46 +218,6 @@ def _chunks(feeds: list[Feeds], spec: Any) -> list[Feeds]:
 
 
 # -- timing -----------------------------------------------------------------------------------
-
-
-def time_round_robin(runs: Mapping[str, Callable[[], object]], seconds: float, warmup_s: float = 0.5,
-                     block_s: float = 0.05, progress: Callable[[str], None] | None = None
-                     ) -> dict[str, np.ndarray]:
-    """Per-call times (ns) of each callable, measured in alternating blocks of about ``block_s`` until
-    each has ``seconds`` of measured time: a noisy neighbour or a clock change hits all alike.
-    The same scheme as `bench`'s bare/agent blocks, for any number of contestants."""
-    clock = time.perf_counter_ns
-    block: dict[str, int] = {}
-    for name, run in runs.items():
-        warm: list[int] = []
-        t_end = time.monotonic() + warmup_s
-        while time.monotonic() < t_end or len(warm) < 2:
-            t = clock()
-            run()
-            warm.append(clock() - t)
-        per_run_s = max(float(np.median(warm)) / 1e9, 1e-7)
-        block[name] = int(min(max(block_s / per_run_s, 1), 5000))
-    times: dict[str, list[int]] = {name: [] for name in runs}
-    spent = dict.fromkeys(runs, 0)
-    target = int(seconds * 1e9)
-    t0 = time.monotonic()
-    next_progress = t0 + 2.0
-    total_s = seconds * len(runs)
-    while any(s < target for s in spent.values()):
-        for name, run in runs.items():
-            if spent[name] >= target:
-                continue
-            out = times[name]
-            start = len(out)
-            for _ in range(block[name]):
-                t = clock()
-                run()
-                out.append(clock() - t)
-            spent[name] += sum(out[start:])
-        if progress is not None and time.monotonic() >= next_progress:
-            next_progress += 2.0
-            progress(f"timing: {time.monotonic() - t0:.0f}/{total_s:.0f} s")
-    return {name: np.asarray(t, dtype=np.int64) for name, t in times.items()}
 
 
 # -- evaluation -------------------------------------------------------------------------------
