@@ -13,7 +13,6 @@ Usage: python models/build_digits_mlp.py --out DIR
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cli_main, logger
+from _common import cli_main, export_sklearn_classifier, logger
 
 NAME = "digits_mlp"
 SEED = 0
 INPUT_NAME = "input"
-# Opset 17 / ai.onnx.ml 3 are the newest onnxruntime 1.17 (our floor) fully supports.
-TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
-# onnxruntime 1.17 reads IR versions up to 9; newer onnx would otherwise stamp a newer one.
-MAX_IR_VERSION = 9
 
 
 _log = logger(NAME)
@@ -37,9 +32,6 @@ _log = logger(NAME)
 
 def build(out_dir: Path) -> dict[str, Any]:
     """Train, export and verify the digits MLP in out_dir; return the summary dict."""
-    import onnxruntime as ort
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
@@ -62,50 +54,11 @@ def build(out_dir: Path) -> dict[str, Any]:
         ]
     )
     pipe.fit(x_train, y_train)
-    sklearn_acc = float(pipe.score(x_test, y_test))
-    _log(f"sklearn test accuracy {sklearn_acc:.4f} after {pipe.named_steps['mlp'].n_iter_} iterations")
+    _log(f"trained in {pipe.named_steps['mlp'].n_iter_} iterations")
 
-    onx = convert_sklearn(
-        pipe,
-        name=NAME,
-        initial_types=[(INPUT_NAME, FloatTensorType([None, x.shape[1]]))],
-        options={MLPClassifier: {"zipmap": False}},
-        target_opset=TARGET_OPSET,
-    )
-    onx.ir_version = min(onx.ir_version, MAX_IR_VERSION)
-    onx.doc_string = "scikit-learn digits: StandardScaler + MLP(64); input raw pixels 0..16 float32 [N,64]"
-
-    model_path = out_dir / f"{NAME}.onnx"
-    model_path.write_bytes(onx.SerializeToString())
-    np.save(out_dir / f"{NAME}.train_x.npy", x_train.astype(np.float32))
-    np.save(out_dir / f"{NAME}.test_x.npy", x_test.astype(np.float32))
-    np.save(out_dir / f"{NAME}.test_y.npy", y_test.astype(np.int64))
-
-    # Accuracy as the runtime will see it: the ONNX file under onnxruntime, not the sklearn object.
-    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    output_names = [o.name for o in sess.get_outputs()]
-    label, proba = sess.run(["label", "probabilities"], {INPUT_NAME: x_test})
-    onnx_acc = float(np.mean(label == y_test))
-    agree = float(np.mean(label == pipe.predict(x_test)))
-    _log(f"onnx test accuracy {onnx_acc:.4f}, agreement with sklearn {agree:.4f}, proba {proba.shape}")
-
-    summary: dict[str, Any] = {
-        "name": NAME,
-        "trained": True,
-        "onnx_test_accuracy": onnx_acc,
-        "sklearn_test_accuracy": sklearn_acc,
-        "onnx_sklearn_agreement": agree,
-        "n_train": len(x_train),
-        "n_test": len(x_test),
-        "input_names": [i.name for i in sess.get_inputs()],
-        "output_names": output_names,
-        "opset": {d.domain or "ai.onnx": d.version for d in onx.opset_import},
-        "ir_version": onx.ir_version,
-        "files": [model_path.name, f"{NAME}.train_x.npy", f"{NAME}.test_x.npy", f"{NAME}.test_y.npy",
-                  f"{NAME}.json"],
-    }
-    (out_dir / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    doc = "scikit-learn digits: StandardScaler + MLP(64); input raw pixels 0..16 float32 [N,64]"
+    return export_sklearn_classifier(pipe, MLPClassifier, NAME, doc, out_dir, (x_train, x_test, y_train, y_test),
+                                     _log, {"dataset": "sklearn.datasets.load_digits"}, INPUT_NAME)
 
 
 def main(argv: list[str] | None = None) -> int:
