@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 import sys
@@ -62,31 +63,78 @@ def mosquitto_binary() -> str:
     return path
 
 
-@pytest.fixture
-def mosquitto(tmp_path: Path):
-    """A real Mosquitto on a free loopback port, with its own config; stopped after the test."""
-    import socket
+class Mosquitto:
+    """A real Mosquitto on a loopback port with its own generated config; restartable on the same port
+    (persistence off unless the config says otherwise)."""
 
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
+    def __init__(self, workdir: Path, extra_conf: str = "allow_anonymous true\n", port: int | None = None) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.conf = workdir / f"mosquitto-{self.port}.conf"
+        # Started as root, Mosquitto drops to its own user, which cannot read the test's private files.
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\npersistence false\nuser {getpass.getuser()}\n"
+                             f"{extra_conf}")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        import socket
+
+        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
             except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    raise AssertionError(f"mosquitto did not start on port {port}: {err}") from None
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise AssertionError(f"mosquitto did not start on port {self.port}: {err}") from None
                 time.sleep(0.05)
-        yield "127.0.0.1", port
-    finally:
-        proc.terminate()
+            else:
+                return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
         try:
-            proc.wait(timeout=5)
+            self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path):
+    """A real Mosquitto (anonymous access) on a free loopback port; stopped after the test."""
+    broker = Mosquitto(tmp_path).start()
+    try:
+        yield broker.host, broker.port
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path):
+    """Start brokers with extra config lines; every one is stopped after the test."""
+    made: list[Mosquitto] = []
+
+    def make(extra_conf: str = "allow_anonymous true\n") -> Mosquitto:
+        b = Mosquitto(tmp_path, extra_conf).start()
+        made.append(b)
+        return b
+
+    try:
+        yield make
+    finally:
+        for b in made:
+            b.stop()

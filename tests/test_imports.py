@@ -46,7 +46,8 @@ def test_core_and_cloud_do_not_load_onnxruntime_or_opencv(statement: str) -> Non
 @pytest.mark.parametrize(("module", "owners"), [("onnxruntime", ["adapters/onnx_engine.py", "adapters/onnx_tools.py"]),
                                                 ("onnx", ["adapters/onnx_tools.py"]),
                                                 ("cv2", ["adapters/cv2_source.py"]),
-                                                ("nacl", ["adapters/ed25519.py"])])
+                                                ("nacl", ["adapters/ed25519.py"]),
+                                                ("paho", ["adapters/mqtt_transport.py"])])
 def test_each_outside_library_is_imported_by_one_adapter(module: str, owners: list[str]) -> None:
     root = Path(__file__).resolve().parent.parent / "edge_runtime"
     pattern = re.compile(rf"^\s*(import {module}\b|from {module}\b)", re.MULTILINE)
