@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"{SOURCE_HELP}; one for all models or one per --model (default: synthetic)")
     run.add_argument("--report-json", metavar="FILE", help="write the final report here as JSON")
     run.add_argument("--no-sync", action="store_true",
-                     help="do not buffer or sync results (no sync is configured in this version: "
-                          "results are only counted and reported)")
+                     help="keep results local: no outbox, no MQTT, even when --broker is given")
+    run.add_argument("--broker", metavar="URL",
+                     help="sync predictions and metrics to the cloud through this MQTT broker "
+                          "(mqtt://host:1883, mqtts://..., mqtt311://... for 3.1.1-only brokers); "
+                          "also $EDGE_RUNTIME_BROKER")
+    run.add_argument("--device-id", metavar="ID", help="this device's id (default: $EDGE_RUNTIME_DEVICE_ID, "
+                                                       "else the host name)")
+    run.add_argument("--buffer", metavar="PATH", default=None,
+                     help="the durable outbox (SQLite; default ./edge-runtime-outbox.db, "
+                          "$EDGE_RUNTIME_BUFFER)")
+    run.add_argument("--buffer-max-mb", type=float, default=256.0, metavar="MB",
+                     help="outbox size bound; the oldest predictions are dropped first (default 256)")
+    run.add_argument("--drain-timeout", type=float, default=5.0, metavar="S",
+                     help="at exit, keep syncing up to S seconds for the outbox to empty (default 5)")
     run.add_argument("--max-inputs", type=int, metavar="N", help="stop each pipeline after N inputs")
     run.add_argument("--batch", type=int, default=1, metavar="N", help="micro-batch size (default 1)")
     run.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
@@ -231,6 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     dims = _parse_dims(args.dim)
     resize_fn = _resize_fn()
     pred_out = _open_predictions(args.predictions)
+    uplink = _uplink(args)
     pipelines = []
     names: set[str] = set()
     for i, model_arg in enumerate(args.model):
@@ -247,24 +261,74 @@ def cmd_run(args: argparse.Namespace) -> int:
         pre = None if args.no_preprocess else ref.preprocess
         if pre is not None:
             log.info("model %s: preprocessing from %s: %s", pname, ref.preprocess_origin, pre.to_dict())
-        sink = _prediction_sink(pname, pred_out) if pred_out is not None else None
+        sink = _sinks(pname, pred_out, uplink)
         pipelines.append(Pipeline(pname, engine, src, preprocess=pre, batch=args.batch,
                                   max_wait_s=args.max_wait_ms / 1000.0, resize_fn=resize_fn, sink=sink))
-    extra = {"profile": profile.to_dict(), "sync": "disabled",
+    extra = {"profile": profile.to_dict(), "sync": "disabled" if uplink is None else "mqtt",
              "onnxruntime": _ort_version()}
     agent = Agent(pipelines, max_inputs=args.max_inputs, status_interval_s=args.status_interval,
                   extra_report=extra)
+    if uplink is not None:
+        uplink.models = [(pl.name, "") for pl in pipelines]
+        uplink.start()
     try:
         report = agent.run()
     finally:
         if pred_out is not None and pred_out is not sys.stdout:
             pred_out.close()
+        if uplink is not None:
+            for pl in pipelines:
+                uplink.record("metric", {"pipeline": pl.name, **_metric_snapshot(pl)}, time.time())
+            sync_report = uplink.stop(args.drain_timeout)
+    if uplink is not None:
+        report["uplink"] = sync_report
     if args.report_json:
         write_report(report, args.report_json)
     if args.json:
         print(json.dumps(report, indent=2))
     print(format_run_summary(report), file=sys.stderr)
     return EXIT_ERROR if any(p["stopped_by"] == "error" for p in report["pipelines"]) else EXIT_OK
+
+
+def _uplink(args: argparse.Namespace) -> Any:
+    broker = args.broker or os.environ.get("EDGE_RUNTIME_BROKER")
+    if args.no_sync or not broker:
+        return None
+    import socket
+
+    from edge_runtime.uplink import Uplink, UplinkConfig
+
+    device_id = args.device_id or os.environ.get("EDGE_RUNTIME_DEVICE_ID") or socket.gethostname()
+    path = args.buffer or os.environ.get("EDGE_RUNTIME_BUFFER") or "edge-runtime-outbox.db"
+    return Uplink(UplinkConfig(broker_url=broker, device_id=device_id, buffer_path=path,
+                               buffer_max_mb=args.buffer_max_mb))
+
+
+def _metric_snapshot(pl: Any) -> dict[str, Any]:
+    m = pl.metrics
+    lat = m.stages["latency"]
+    return {"inputs": m.inputs, "predictions": m.predictions, "errors": dict(m.errors),
+            "latency_us": lat.summary_us()}
+
+
+def _sinks(name: str, pred_out: Any, uplink: Any) -> Any:
+    """The per-batch result sink: JSON lines to a file, predictions to the outbox, or both."""
+    sinks = []
+    if pred_out is not None:
+        sinks.append(_prediction_sink(name, pred_out))
+    if uplink is not None:
+        def to_outbox(records: list[Any], labels: Any, scores: Any, outputs: list[Any]) -> None:
+            now = time.time()
+            if labels is None:
+                return
+            for i, lab in enumerate(labels.tolist()):
+                uplink.prediction(name, lab, float(scores[i]) if scores is not None else None, now)
+        sinks.append(to_outbox)
+    if not sinks:
+        return None
+    if len(sinks) == 1:
+        return sinks[0]
+    return lambda *a: [s(*a) for s in sinks]
 
 
 def _ort_version() -> str:
@@ -450,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except EdgeRuntimeError as e:
-        log.error("%s", e)  # noqa: TRY400 - a clear message, not a traceback, for expected errors
+        log.error("%s", e)
         return EXIT_ERROR
     except BrokenPipeError:  # `edge-runtime run ... | head`
         return EXIT_OK

@@ -75,7 +75,7 @@ class Agent:
         except Exception as e:  # a source that died (camera unplugged); the other pipelines go on
             w.stopped_by, w.error = "error", f"{type(e).__name__}: {e}"
             if isinstance(e, EdgeRuntimeError):
-                log.error("pipeline %s stopped: %s", p.name, w.error)  # noqa: TRY400 - expected, no trace
+                log.error("pipeline %s stopped: %s", p.name, w.error)
             else:
                 log.exception("pipeline %s stopped", p.name)
         finally:

@@ -32,9 +32,11 @@ def test_agent_imports_no_optional_library(statement: str) -> None:
     assert not heavy, f"`{statement}` imported {sorted(heavy)}"
 
 
-@pytest.mark.parametrize("statement", ["import edge_runtime.core.spec, edge_runtime.core.histogram, "
-                                       "edge_runtime.core.preprocess, edge_runtime.core.inputs, "
-                                       "edge_runtime.core.metrics", "import cloud_sync, cloud_sync.cli"])
+@pytest.mark.parametrize("statement", [
+    "import edge_runtime.core.spec, edge_runtime.core.histogram, edge_runtime.core.preprocess, "
+    "edge_runtime.core.inputs, edge_runtime.core.metrics, edge_runtime.core.protocol",
+    "import cloud_sync, cloud_sync.cli, cloud_sync.service",
+])
 def test_core_and_cloud_do_not_load_onnxruntime_or_opencv(statement: str) -> None:
     mods = loaded_after(statement)
     assert "onnxruntime" not in mods

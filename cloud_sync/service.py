@@ -1,0 +1,78 @@
+"""`cloud-sync serve`: the ingest worker wired to MQTT and the store. Owns the thread and the clock.
+
+MQTT callbacks only enqueue (bounded); one worker thread validates, commits and acks in order.
+With MQTT 5 the records subscription is shared (``$share/<group>/...``) so several workers split the
+load; the embedded broker speaks MQTT 3.1.1, where one plain subscription is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from cloud_sync.ingest import Ingest
+from cloud_sync.store import Store
+from edge_runtime.adapters.mqtt_transport import BrokerConfig, MqttTransport
+from edge_runtime.core import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+class IngestService:
+    def __init__(self, broker_url: str, db_path: str, *, client_id: str = "cloud-sync", group: str = "ingest",
+                 queue_size: int = 10000, username: str | None = None, password: str | None = None) -> None:
+        self.store = Store(db_path)
+        self.ingest = Ingest(self.store)
+        self.queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=queue_size)
+        self.dropped_full = 0
+        cfg = BrokerConfig.from_url(broker_url, client_id)
+        if username:
+            cfg = BrokerConfig(**{**cfg.__dict__, "username": username, "password": password})
+        self.transport = MqttTransport(cfg, on_message=self._enqueue)
+        records = (p.shared_subscription(group, p.RecordBatch.KIND) if cfg.protocol == 5
+                   else p.fleet_subscription(p.RecordBatch.KIND))
+        self.transport.subscribe(records, qos=1)
+        self.transport.subscribe(p.fleet_subscription(p.Status.KIND), qos=1)
+        self.transport.subscribe(p.fleet_subscription(p.Telemetry.KIND), qos=0)
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="ingest", daemon=True)
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        try:
+            self.queue.put_nowait((topic, payload))
+        except queue.Full:
+            # Not lost: unacked records are resent by the devices.
+            self.dropped_full += 1
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                topic, payload = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                replies = self.ingest.handle(topic, payload, int(time.time() * 1000))
+            except Exception:  # a store failure: no ack, the device resends
+                log.exception("ingest failed for a message on %s", topic)
+                continue
+            for t, body, qos, retain in replies:
+                self.transport.publish(t, body, qos=qos, retain=retain)
+
+    def start(self) -> None:
+        self._worker.start()
+        self.transport.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.transport.stop()
+        self._worker.join(5)
+        self.store.close()
+
+    def stats(self) -> dict[str, Any]:
+        s = self.ingest.stats
+        return {"messages": s.messages, "batches": s.batches, "records_new": s.records_new,
+                "records_duplicate": s.records_duplicate, "rejected": dict(s.rejected),
+                "queue_full_drops": self.dropped_full, "connected": self.transport.connected}

@@ -1,0 +1,135 @@
+"""Agent -> real Mosquitto -> cloud ingest, with the durable outbox: nothing acknowledged is lost.
+
+The fault tests kill the agent with SIGKILL mid-stream and restart the broker; afterwards every record
+the agent committed to its outbox is in the cloud store exactly once. What was committed is read from
+the outbox itself: each boot's ``next_seq`` is persisted with every commit, and seqs are contiguous.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cloud_sync.service import IngestService
+from cloud_sync.store import Store
+
+pytestmark = pytest.mark.integration
+
+
+def agent(models_dir: Path, broker_url: str, outbox: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--model",
+                             str(models_dir / "digits_mlp.onnx"), "--source", "synthetic:400", "--broker", broker_url,
+                             "--device-id", "dev-1", "--buffer", str(outbox), "--status-interval", "0", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def committed(outbox: Path) -> dict[str, int]:
+    """Per boot, how many records the agent committed to its outbox (seqs 0..n-1)."""
+    with sqlite3.connect(outbox) as db:
+        return dict(db.execute("SELECT boot_id, next_seq FROM boots WHERE device_id='dev-1'"))
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def check_exactly_once(store_path: Path, outbox: Path) -> int:
+    store = Store(store_path)
+    try:
+        rows = store.records("dev-1")
+    finally:
+        store.close()
+    by_boot: dict[str, list[int]] = {}
+    for _dev, boot, seq, kind, _created, payload in rows:
+        by_boot.setdefault(boot, []).append(seq)
+        assert kind in ("p", "m")
+        if kind == "p":
+            assert 0 <= payload["y"] <= 9
+    want = committed(outbox)
+    for boot, n in want.items():
+        got = sorted(by_boot.get(boot, []))
+        assert got == list(range(n)), f"boot {boot}: {n} committed, cloud has {len(got)} (lost or reordered)"
+    assert set(by_boot) <= set(want)
+    return sum(want.values())
+
+
+def test_agent_syncs_every_prediction_through_mosquitto(models_dir: Path, broker_factory, tmp_path: Path) -> None:
+    broker = broker_factory()
+    svc = IngestService(broker.url, str(tmp_path / "cloud.db"))
+    svc.start()
+    try:
+        outbox = tmp_path / "outbox.db"
+        proc = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "run", "--model",
+                               str(models_dir / "digits_mlp.onnx"), "--source",
+                               f"npy:{models_dir / 'digits_mlp.test_x.npy'}", "--broker", broker.url, "--device-id",
+                               "dev-1", "--buffer", str(outbox), "--json"], capture_output=True, text=True, timeout=60,
+                              check=True)
+        report = json.loads(proc.stdout)
+        assert report["sync"] == "mqtt" and report["uplink"]["pending"] == 0
+        wait_until(lambda: svc.store.count() >= 451, 10, "the cloud to store 450 predictions and 1 metric")
+        total = check_exactly_once(tmp_path / "cloud.db", outbox)
+        assert total == 451
+        assert svc.store.devices()["dev-1"]["online"] is False  # said goodbye at exit
+    finally:
+        svc.stop()
+
+
+def test_no_sync_keeps_everything_local(models_dir: Path, tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox.db"
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "run", "--model",
+                           str(models_dir / "digits_mlp.onnx"), "--max-inputs", "10", "--broker", "mqtt://127.0.0.1:9",
+                           "--no-sync", "--buffer", str(outbox), "--json"], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert json.loads(proc.stdout)["sync"] == "disabled" and not outbox.exists()
+
+
+def test_kill_9_twenty_times_and_broker_restarts_lose_nothing(models_dir: Path, broker_factory,
+                                                              tmp_path: Path) -> None:
+    broker = broker_factory()
+    store_path = tmp_path / "cloud.db"
+    outbox = tmp_path / "outbox.db"
+    svc = IngestService(broker.url, str(store_path))
+    svc.start()
+    rng = random.Random(7)
+    try:
+        for i in range(20):
+            proc = agent(models_dir, broker.url, outbox)
+            time.sleep(rng.uniform(0.8, 1.6))  # load the model, stream, sync: killed anywhere in that
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            if i in (5, 11):
+                broker.restart()  # the broker forgets every session and queued message
+            if i == 15:
+                svc.stop()  # the cloud is down while the device keeps running and buffering
+                proc = agent(models_dir, broker.url, outbox)
+                time.sleep(1.5)
+                svc = IngestService(broker.url, str(store_path))
+                svc.start()
+                time.sleep(1.0)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+        # A last clean run drains whatever the killed ones left in the outbox.
+        proc = agent(models_dir, broker.url, outbox, "--max-inputs", "50", "--drain-timeout", "20")
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+        with sqlite3.connect(outbox) as db:
+            left = db.execute("SELECT count(*) FROM records").fetchone()[0]
+        assert left == 0, f"{left} records still in the outbox"
+        total = check_exactly_once(store_path, outbox)
+        assert total > 1000
+        stats = svc.stats()
+    finally:
+        svc.stop()
+    # Resends happened (kills between send and ack) and were deduplicated, not stored twice.
+    assert stats["rejected"] == {}
