@@ -133,3 +133,30 @@ def test_kill_9_twenty_times_and_broker_restarts_lose_nothing(models_dir: Path, 
         svc.stop()
     # Resends happened (kills between send and ack) and were deduplicated, not stored twice.
     assert stats["rejected"] == {}
+
+
+def test_embedded_broker_demo_path(models_dir: Path, tmp_path: Path) -> None:
+    """`cloud-sync serve --embedded-broker` needs nothing installed; the agent speaks MQTT 3.1.1 to it."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    db = tmp_path / "cloud.db"
+    cloud = subprocess.Popen([sys.executable, "-m", "cloud_sync.cli", "serve", "--embedded-broker", "--port", str(port),
+                              "--db", str(db), "--stats-interval", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert cloud.stderr is not None
+        deadline = time.monotonic() + 30
+        for line in cloud.stderr:
+            if "ingesting from" in line or time.monotonic() > deadline:
+                break
+        time.sleep(0.5)
+        outbox = tmp_path / "outbox.db"
+        subprocess.run([sys.executable, "-m", "edge_runtime.cli", "run", "--model", str(models_dir / "digits_mlp.onnx"),
+                        "--source", f"npy:{models_dir / 'digits_mlp.test_x.npy'}", "--max-inputs", "100", "--broker",
+                        f"mqtt311://127.0.0.1:{port}", "--device-id", "dev-1", "--buffer", str(outbox),
+                        "--drain-timeout", "15"], check=True, capture_output=True, timeout=90)
+        wait_until(lambda: Store(db).count() >= 101, 15, "the embedded-broker cloud to store 101 records")
+        assert check_exactly_once(db, outbox) == 101
+    finally:
+        cloud.send_signal(signal.SIGTERM)
+        assert cloud.wait(15) == 0
