@@ -33,7 +33,6 @@ from edge_runtime.errors import BundleError, EdgeRuntimeError, MissingExtraError
 log = logging.getLogger(__name__)
 
 SCHEMA = "edge-runtime.bundle/1"
-REFERENCE_SCHEMA = "edge-runtime.reference/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 MODEL = "model.onnx"
@@ -47,7 +46,6 @@ MAX_TOTAL_BYTES = 4 * 1024**3
 MAX_MEMBERS = 1000
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
-_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
 
 # -- versions ------------------------------------------------------------------------------------
@@ -98,33 +96,14 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
 
 # -- reference profile -----------------------------------------------------------------------------
 
-def reference_profile(x: np.ndarray, input_name: str) -> dict[str, Any]:
-    """Training-data statistics the drift detectors compare live inputs against.
+def reference_profile(x: np.ndarray, input_name: str, top1: np.ndarray | None = None) -> dict[str, Any]:
+    """Training-data statistics the drift detectors compare live inputs against, with thresholds
+    calibrated to a false-alarm rate (see :mod:`edge_runtime.core.drift`): per feature the count of
+    finite values, mean, variance, min, max, NaN rate, quantiles and a histogram on the training
+    deciles, and the model's class frequencies on that data."""
+    from edge_runtime.core.drift import build_reference
 
-    Schema ``edge-runtime.reference/1``: for tabular data (rows of features) per feature the count of
-    finite values, mean, variance, min, max, NaN rate, quantiles and a histogram whose edges are the
-    training deciles; for other tensors the same over all values, as one feature."""
-    x = np.asarray(x)
-    n = int(x.shape[0]) if x.ndim else 1
-    kind = "tabular" if x.ndim == 2 else "tensor"
-    cols = x.astype(np.float64).reshape(n, -1) if kind == "tabular" else x.astype(np.float64).reshape(-1, 1)
-    features = []
-    for j in range(cols.shape[1]):
-        c = cols[:, j]
-        finite = c[np.isfinite(c)]
-        f: dict[str, Any] = {"index": j, "count": int(finite.size),
-                             "nan_rate": round(float(np.isnan(c).mean()), 6) if c.size else 0.0}
-        if finite.size:
-            qs = np.quantile(finite, _QUANTILES)
-            edges = np.unique(np.quantile(finite, np.linspace(0.1, 0.9, 9)))
-            counts = np.bincount(np.searchsorted(edges, finite, side="right"), minlength=edges.size + 1)
-            f.update({"mean": float(finite.mean()), "var": float(finite.var()), "min": float(finite.min()),
-                      "max": float(finite.max()),
-                      "quantiles": {str(q): float(v) for q, v in zip(_QUANTILES, qs, strict=True)},
-                      "histogram": {"edges": [float(e) for e in edges], "counts": counts.tolist()}})
-        features.append(f)
-    return {"schema": REFERENCE_SCHEMA, "kind": kind, "input": input_name, "n_samples": n,
-            "sample_shape": list(x.shape[1:]), "features": features}
+    return build_reference(np.asarray(x), top1, input_name=input_name)
 
 
 # -- keys --------------------------------------------------------------------------------------------
@@ -224,14 +203,10 @@ def create_bundle(model: str | Path, version: str, key_path: str | Path, out: st
         if opts.reference:
             progress(f"reference profile from {opts.reference}")
             ref_x = _load_rows(opts.reference, engine, "--reference")
-            ref = reference_profile(ref_x, engine.spec.inputs[0].name)
             top1 = _top1(engine, _run_model(engine, ref_x))
-            if top1 is not None:
-                vals, counts = np.unique(top1, return_counts=True)
-                ref["outputs"] = {"class_frequencies": {str(int(v)): round(int(c) / len(top1), 6)
-                                                        for v, c in zip(vals, counts, strict=True)}}
+            ref = reference_profile(ref_x, engine.spec.inputs[0].name, top1)
             (workdir / REFERENCE).write_text(json.dumps(ref, indent=1) + "\n", encoding="utf-8")
-            manifest["reference_profile"] = {"file": REFERENCE, "schema": REFERENCE_SCHEMA,
+            manifest["reference_profile"] = {"file": REFERENCE, "schema": ref["schema"],
                                              "kind": ref["kind"], "n_samples": ref["n_samples"],
                                              "n_features": len(ref["features"])}
             if opts.labels:

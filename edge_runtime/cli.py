@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "$EDGE_RUNTIME_BUFFER)")
     run.add_argument("--buffer-max-mb", type=float, default=256.0, metavar="MB",
                      help="outbox size bound; the oldest predictions are dropped first (default 256)")
+    run.add_argument("--no-drift", action="store_true",
+                     help="do not monitor input drift even when the bundle carries a reference profile")
+    run.add_argument("--drift-reference", metavar="FILE.json",
+                     help="reference profile for a plain .onnx model (bundles carry their own)")
     run.add_argument("--drain-timeout", type=float, default=5.0, metavar="S",
                      help="at exit, keep syncing up to S seconds for the outbox to empty (default 5)")
     run.add_argument("--max-inputs", type=int, metavar="N", help="stop each pipeline after N inputs")
@@ -262,8 +266,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if pre is not None:
             log.info("model %s: preprocessing from %s: %s", pname, ref.preprocess_origin, pre.to_dict())
         sink = _sinks(pname, pred_out, uplink)
+        monitor = None if args.no_drift else _drift_monitor(args.drift_reference or ref.reference, pname)
         pipelines.append(Pipeline(pname, engine, src, preprocess=pre, batch=args.batch,
-                                  max_wait_s=args.max_wait_ms / 1000.0, resize_fn=resize_fn, sink=sink))
+                                  max_wait_s=args.max_wait_ms / 1000.0, resize_fn=resize_fn, sink=sink,
+                                  drift=monitor, on_drift=_drift_events(pname, uplink)))
     extra = {"profile": profile.to_dict(), "sync": "disabled" if uplink is None else "mqtt",
              "onnxruntime": _ort_version()}
     agent = Agent(pipelines, max_inputs=args.max_inputs, status_interval_s=args.status_interval,
@@ -302,6 +308,33 @@ def _uplink(args: argparse.Namespace) -> Any:
     path = args.buffer or os.environ.get("EDGE_RUNTIME_BUFFER") or "edge-runtime-outbox.db"
     return Uplink(UplinkConfig(broker_url=broker, device_id=device_id, buffer_path=path,
                                buffer_max_mb=args.buffer_max_mb))
+
+
+def _drift_monitor(path: Any, name: str) -> Any:
+    if path is None:
+        return None
+    from edge_runtime.core.drift import DriftMonitor, load_reference
+
+    try:
+        reference = load_reference(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:
+        raise EdgeRuntimeError(f"reference profile {path}: {e}") from e
+    log.info("model %s: drift monitored against %s (%s, %d features)", name, path, reference.kind,
+             reference.n_features)
+    return DriftMonitor(reference, model=name)
+
+
+def _drift_events(name: str, uplink: Any) -> Any:
+    if uplink is None:
+        return None
+
+    def send(alarms: list[Any]) -> None:
+        now = time.time()
+        for a in alarms:
+            uplink.record("event", {"name": "drift_alarm" if a.is_open else "drift_cleared", "severity":
+                                    "warning" if a.is_open else "info", "message": a.reason, "ref": name,
+                                    "detail": a.to_dict()}, now)
+    return send
 
 
 def _metric_snapshot(pl: Any) -> dict[str, Any]:

@@ -37,6 +37,7 @@ class ModelRef:
     version: str | None
     preprocess: PreprocessSpec | None
     preprocess_origin: str | None
+    reference: Path | None = None  # the bundle's reference_profile.json, for drift monitoring
 
 
 def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = None) -> ModelRef:
@@ -77,7 +78,8 @@ def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = 
                 spec = PreprocessSpec.from_dict(json.loads(metadata[METADATA_KEY]), origin)
             except ValueError as e:
                 raise ConfigError(f"not valid JSON: {e}", path=origin) from e
-    return ModelRef(p, name, version, spec, origin)
+    ref_file = p.parent / "reference_profile.json"
+    return ModelRef(p, name, version, spec, origin, ref_file if p.name == "model.onnx" and ref_file.is_file() else None)
 
 
 class Postprocessor:
@@ -115,7 +117,8 @@ class Pipeline:
 
     def __init__(self, name: str, engine: Any, source: Source, *, preprocess: PreprocessSpec | None = None,
                  batch: int = 1, max_wait_s: float = 0.005, resize_fn: ResizeFn = resize_nearest,
-                 sink: ResultSink | None = None, poll_s: float = 0.25) -> None:
+                 sink: ResultSink | None = None, poll_s: float = 0.25, drift: Any = None,
+                 drift_every: int = 64, on_drift: Callable[[list[Any]], None] | None = None) -> None:
         self.name = name
         self.engine = engine
         self.source = source
@@ -146,6 +149,15 @@ class Pipeline:
         # sizes now, not on the first input.
         self._runners: dict[int, Any] = {n: engine.runner(n) for n in {1, batch}}
         self.stopping = False
+        # Drift monitoring: inputs are gathered per sample (a reference append) and handed to the
+        # monitor every ``drift_every`` samples, so its vectorised update costs ~2 us per sample.
+        self.drift = drift
+        self.drift_every = drift_every
+        self.on_drift = on_drift
+        self._drift_raw = drift is not None and drift.reference.kind == "image"
+        self._drift_rows: list[Any] = []
+        self._drift_top1: list[int] = []
+        self._drift_seen = 0
         self._log_budget: dict[str, int] = {}
         self.started = time.monotonic()
 
@@ -221,6 +233,45 @@ class Pipeline:
         if self.sink is not None:
             self.sink(records, labels, self.postprocess.scores(outputs), outputs)
         self.metrics.record_batch(t0, t1, t2, t3, time.perf_counter_ns(), n)
+        if self.drift is not None:
+            self._gather_drift(feeds, records, labels, n)
+
+    def _gather_drift(self, feeds: dict[str, np.ndarray], records: list[Record], labels: Any, n: int) -> None:
+        if self._drift_raw:
+            self._drift_rows.extend(records)
+        else:
+            x = feeds[self.first_input]
+            if self.batchable:
+                self._drift_rows.extend(x[i] for i in range(n))
+            else:
+                self._drift_rows.append(x)
+        if labels is not None:
+            self._drift_top1.extend(labels.tolist() if n > 1 else (int(labels[0]),))
+        if len(self._drift_rows) >= self.drift_every:
+            self.flush_drift()
+
+    def flush_drift(self) -> None:
+        """Hand the gathered inputs to the drift monitor (also called at the end of the stream)."""
+        rows, top1 = self._drift_rows, self._drift_top1
+        if not rows:
+            return
+        self._drift_rows, self._drift_top1 = [], []
+        try:
+            x = np.stack([np.asarray(r) for r in rows])
+            top = np.asarray(top1) if len(top1) == len(rows) else None
+            changed = self.drift.update(x, top, self._drift_seen)
+        except Exception as e:
+            self._error("drift", len(rows), f"drift monitor failed: {e}")
+            return
+        finally:
+            self._drift_seen += len(rows)
+        for alarm in changed:
+            state = "OPEN" if alarm.is_open else "closed"
+            log.warning("%s: %s drift alarm %s at sample %d (start ~%d): %s", self.name, alarm.kind, state,
+                        alarm.detected_index if alarm.is_open else alarm.closed_index, alarm.start_index,
+                        alarm.reason)
+        if changed and self.on_drift is not None:
+            self.on_drift(changed)
 
     def _read_batch(self) -> tuple[list[Record], list[dict[str, Any]], bool]:
         """Up to ``batch`` records and their samples (preprocessed, not yet checked), and whether the
@@ -313,5 +364,11 @@ class Pipeline:
 
     def report(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self.started
-        return {"name": self.name, "model": self.engine.describe(), "source": self.source.name,
-                "batch": self.batch, "elapsed_s": round(elapsed, 3), **self.metrics.snapshot(elapsed)}
+        out = {"name": self.name, "model": self.engine.describe(), "source": self.source.name,
+               "batch": self.batch, "elapsed_s": round(elapsed, 3), **self.metrics.snapshot(elapsed)}
+        if self.drift is not None:
+            self.flush_drift()
+            out["drift"] = {"samples": self._drift_seen, "kind": self.drift.reference.kind,
+                            "alarms": [a.to_dict() for a in self.drift.alarms],
+                            "alarmed": bool(self.drift.alarms), "state": self.drift.state()}
+        return out
