@@ -112,11 +112,12 @@ def test_distance_bounds_and_vectorisation(live: np.ndarray, rnd: Any) -> None:
 # -- reference profiles ----------------------------------------------------------------------------
 
 def test_reference_v2_keeps_the_v1_fields_and_loads_v1(tabular: np.ndarray) -> None:
-    from edge_runtime.bundle import reference_profile
-
-    v1 = reference_profile(tabular, "input")
     v2 = build_reference(tabular, None, input_name="input",
                          calibration=CalibrationSettings(n_simulations=2000, universes=10))
+    # A profile as bundles of schema /1 carried it: no calibration, no /2 fields.
+    v1 = {k: v for k, v in json.loads(json.dumps(v2)).items() if k not in ("calibration", "n_bins", "feature_names")}
+    v1["schema"] = drift.REFERENCE_SCHEMA_V1
+    v1["features"] = [{k: v for k, v in f.items() if k not in ("nan_count", "std")} for f in v1["features"]]
     assert v2["schema"] == drift.REFERENCE_SCHEMA and v1["schema"] == drift.REFERENCE_SCHEMA_V1
     for f1, f2 in zip(v1["features"], v2["features"], strict=True):
         for key in ("index", "count", "nan_rate", "mean", "var", "min", "max", "quantiles", "histogram"):

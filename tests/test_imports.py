@@ -49,7 +49,8 @@ def test_core_and_cloud_do_not_load_onnxruntime_or_opencv(statement: str) -> Non
                                                 ("onnx", ["adapters/onnx_tools.py"]),
                                                 ("cv2", ["adapters/cv2_source.py"]),
                                                 ("nacl", ["adapters/ed25519.py"]),
-                                                ("paho", ["adapters/mqtt_transport.py"])])
+                                                ("paho", ["adapters/mqtt_transport.py"]),
+                                                ("sqlite3", ["adapters/sqlite_buffer.py"])])
 def test_each_outside_library_is_imported_by_one_adapter(module: str, owners: list[str]) -> None:
     root = Path(__file__).resolve().parent.parent / "edge_runtime"
     pattern = re.compile(rf"^\s*(import {module}\b|from {module}\b)", re.MULTILINE)
