@@ -24,6 +24,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import ensure_models  # noqa: E402
+
 from edge_runtime.adapters import ed25519  # noqa: E402
 from edge_runtime.adapters.onnx_engine import ORT_VERSION, OnnxEngine  # noqa: E402
 from edge_runtime.bundle import CreateOptions, create_bundle, verify_bundle  # noqa: E402
@@ -51,10 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "bundle_verify.json")
     args = ap.parse_args(argv)
     model = args.models_dir / "cnn.onnx"
-    if not (args.models_dir / "cnn.calib_x.npy").is_file():
-        log(f"building sample models into {args.models_dir}")
-        subprocess.run([sys.executable, str(REPO / "models" / "build_all.py"), "--out", str(args.models_dir)],
-                       check=True, capture_output=True)
+    ensure_models(args.models_dir, ["cnn.onnx", "cnn.calib_x.npy"], log)
     profile = detect_profile()
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

@@ -55,7 +55,6 @@ import argparse
 import json
 import math
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -66,6 +65,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _shared
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = REPO / "benchmarks" / "out" / "models"
@@ -109,20 +111,7 @@ QUICK = Budget(seeds=2, kswin_seeds=1, null_ours=100_000, null_river=20_000, nul
 
 
 def ensure_models(models_dir: Path) -> dict[str, Any]:
-    missing = [m for m in NEEDED if not (models_dir / m).is_file()]
-    if not missing:
-        log(f"models present in {models_dir}")
-        return {"built": False, "dir": str(models_dir)}
-    log(f"building sample models into {models_dir} (missing: {', '.join(missing)})")
-    cmd = [sys.executable, str(REPO / "models" / "build_all.py"), "--out", str(models_dir)]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"model build failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    still = [m for m in NEEDED if not (models_dir / m).is_file()]
-    if still:
-        raise RuntimeError(f"model build did not write {', '.join(still)}")
-    return {"built": True, "dir": str(models_dir), "seconds": round(time.monotonic() - t0, 2)}
+    return _shared.ensure_models(models_dir, NEEDED, log)
 
 
 class DigitsModel:

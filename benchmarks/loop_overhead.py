@@ -36,6 +36,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _shared
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = REPO / "benchmarks" / "out" / "models"
 DEFAULT_OUT = REPO / "benchmarks" / "out" / "loop_overhead.json"
@@ -69,21 +72,10 @@ class StepError(RuntimeError):
 
 
 def ensure_models(models_dir: Path) -> dict[str, Any]:
-    needed = {m for _, m, _ in CASES} | {TINY}
-    missing = sorted(m for m in needed if not (models_dir / m).is_file())
-    if not missing:
-        log(f"models present in {models_dir}")
-        return {"built": False, "dir": str(models_dir)}
-    log(f"building sample models into {models_dir} (missing: {', '.join(missing)})")
-    cmd = [sys.executable, str(REPO / "models" / "build_all.py"), "--out", str(models_dir)]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
-    if proc.returncode != 0:
-        raise StepError(f"model build failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    still = sorted(m for m in needed if not (models_dir / m).is_file())
-    if still:
-        raise StepError(f"model build did not write {', '.join(still)}")
-    return {"built": True, "dir": str(models_dir), "seconds": round(time.monotonic() - t0, 2)}
+    try:
+        return _shared.ensure_models(models_dir, {m for _, m, _ in CASES} | {TINY}, log)
+    except RuntimeError as e:
+        raise StepError(str(e)) from None
 
 
 # -- bench cases ------------------------------------------------------------------------------------

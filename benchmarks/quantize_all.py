@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import ensure_models  # noqa: E402 - benchmarks/ holds scripts, not a package
+
 CLI = [sys.executable, "-m", "edge_runtime.cli"]
 
 # model, calibration data, evaluation data, labels (files written by models/build_all.py)
@@ -39,10 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "quantize_all.json")
     ap.add_argument("--profile", help="device profile (default: detected)")
     args = ap.parse_args(argv)
-    if not all((args.models_dir / f"{c[0]}.onnx").is_file() and (args.models_dir / c[1]).is_file() for c in CASES):
-        log(f"building sample models into {args.models_dir}")
-        subprocess.run([sys.executable, str(REPO / "models" / "build_all.py"), "--out", str(args.models_dir)],
-                       check=True, capture_output=True)
+    ensure_models(args.models_dir, [f for c in CASES for f in (f"{c[0]}.onnx", *c[1:])], log)
     reports: dict[str, Any] = {}
     failed = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,15 +31,11 @@ Usage: python benchmarks/sync_bench.py [--quick] [--records N] [--out FILE.json]
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import random
 import shlex
-import shutil
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,6 +52,9 @@ sys.path.insert(0, str(REPO))
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import Mosquitto  # noqa: E402
 
 from cloud_sync.service import IngestService  # noqa: E402
 from edge_runtime.adapters.sqlite_buffer import Buffer, BufferConfig  # noqa: E402
@@ -74,84 +73,6 @@ MAX_BYTES_PER_RECORD = 500     # outbox file per prediction record
 
 def log(msg: str) -> None:
     print(f"[sync_bench] {msg}", file=sys.stderr, flush=True)
-
-
-# -- a Mosquitto of our own (a small copy of tests/conftest.py's Mosquitto) ---------------------------
-
-def mosquitto_binary() -> str:
-    sbin = Path("/usr/sbin/mosquitto")  # not on a non-root user's PATH
-    path = shutil.which("mosquitto") or (str(sbin) if sbin.exists() else None)
-    if path is None:
-        raise RuntimeError("Mosquitto is not installed (Debian: apt-get install mosquitto)")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Mosquitto:
-    """Mosquitto on a free loopback port with a generated config; its log goes to a file next to it.
-    Only the listener, persistence off, the user to run as and anonymous access are set: every other
-    setting (max_queued_messages 1000, max_inflight_messages 20, ...) is Mosquitto's default."""
-
-    def __init__(self, workdir: Path, name: str) -> None:
-        self.host = "127.0.0.1"
-        self.port = free_port()
-        self.conf = workdir / f"mosquitto-{name}.conf"
-        self.log_path = workdir / f"mosquitto-{name}.log"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\npersistence false\nuser {getpass.getuser()}\n"
-                             "allow_anonymous true\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
-
-    def start(self, timeout: float = 10.0) -> Mosquitto:
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"mosquitto did not start on port {self.port}: "
-                                       f"{self.log_path.read_text(errors='replace')[-1000:]}") from None
-                time.sleep(0.05)
-            else:
-                return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_lines(self, needle: str) -> list[str]:
-        try:
-            return [ln for ln in self.log_path.read_text(errors="replace").splitlines() if needle in ln]
-        except OSError:
-            return []
-
-    def __enter__(self) -> Mosquitto:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -237,7 +158,7 @@ def bench_sync(n: int, tmp: Path, timeout: float) -> dict[str, Any]:
     fill_outbox(outbox, prediction_payloads(n, seed=11), prefill_boot)
     log(f"sync: outbox pre-filled with {n} predictions in {time.perf_counter() - t0:.1f} s "
         f"({file_bytes(outbox) / 1e6:.1f} MB)")
-    with Mosquitto(tmp, "sync") as broker:
+    with Mosquitto(tmp, name="sync") as broker:
         svc = IngestService(broker.url, str(store_path), client_id="bench-cloud")
         marks: dict[str, float] = {}
         handle = svc.ingest.handle
@@ -437,7 +358,7 @@ class NaivePublisher:
 
 def bench_naive(n: int, tmp: Path, sleep_ms: float, settle_s: float, timeout: float) -> dict[str, Any]:
     topic = f"naive/v1/{DEVICE}/records"
-    with Mosquitto(tmp, "naive") as broker:
+    with Mosquitto(tmp, name="naive") as broker:
         sub = SlowSubscriber(broker, tmp / "naive-cloud.db", topic, sleep_ms / 1000)
         pub: NaivePublisher | None = None
         try:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import getpass
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,9 @@ MODELS_DIR = ROOT / "models"
 
 sys.path.insert(0, str(MODELS_DIR))
 from _common import load_script  # noqa: E402 - models/ holds scripts, not a package
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _shared import Mosquitto, free_port, mosquitto_binary  # noqa: E402, F401 - shared with the benchmarks
 
 
 @pytest.fixture(scope="session")
@@ -42,75 +43,6 @@ def cli(*args: str, stdin: str | None = None, timeout: float = 120, check: bool 
         raise AssertionError(f"edge-runtime {' '.join(args)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mosquitto_binary() -> str:
-    import shutil
-
-    sbin = Path("/usr/sbin/mosquitto")  # not on a non-root user's PATH
-    path = shutil.which("mosquitto") or (str(sbin) if sbin.exists() else None)
-    if path is None:
-        raise AssertionError("Debian's mosquitto is not installed; `make test` installs it when run as root "
-                             "(else: sudo apt-get install mosquitto)")
-    return path
-
-
-class Mosquitto:
-    """A real Mosquitto on a loopback port with its own generated config; restartable on the same port
-    (persistence off unless the config says otherwise)."""
-
-    def __init__(self, workdir: Path, extra_conf: str = "allow_anonymous true\n", port: int | None = None) -> None:
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
-        self.conf = workdir / f"mosquitto-{self.port}.conf"
-        # Started as root, Mosquitto drops to its own user, which cannot read the test's private files.
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\npersistence false\nuser {getpass.getuser()}\n"
-                             f"{extra_conf}")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 10.0) -> Mosquitto:
-        import socket
-
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                    raise AssertionError(f"mosquitto did not start on port {self.port}: {err}") from None
-                time.sleep(0.05)
-            else:
-                return self
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
 
 
 @pytest.fixture
