@@ -267,15 +267,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.info("model %s: preprocessing from %s: %s", pname, ref.preprocess_origin, pre.to_dict())
         sink = _sinks(pname, pred_out, uplink)
         monitor = None if args.no_drift else _drift_monitor(args.drift_reference or ref.reference, pname)
+        concept = None if args.no_drift else _label_tracker(ref.model_path)
         pipelines.append(Pipeline(pname, engine, src, preprocess=pre, batch=args.batch,
                                   max_wait_s=args.max_wait_ms / 1000.0, resize_fn=resize_fn, sink=sink,
-                                  drift=monitor, on_drift=_drift_events(pname, uplink)))
+                                  drift=monitor, on_drift=_drift_events(pname, uplink), concept=concept))
     extra = {"profile": profile.to_dict(), "sync": "disabled" if uplink is None else "mqtt",
              "onnxruntime": _ort_version()}
     agent = Agent(pipelines, max_inputs=args.max_inputs, status_interval_s=args.status_interval,
                   extra_report=extra)
     if uplink is not None:
         uplink.models = [(pl.name, "") for pl in pipelines]
+        by_name = {pl.name: pl for pl in pipelines}
+
+        def route_label(model: str, predicted: Any, label: Any) -> None:
+            if model in by_name:
+                by_name[model].feedback(predicted, label)
+
+        uplink.label_sink = route_label
         uplink.start()
     try:
         report = agent.run()
@@ -322,6 +330,23 @@ def _drift_monitor(path: Any, name: str) -> Any:
     log.info("model %s: drift monitored against %s (%s, %d features)", name, path, reference.kind,
              reference.n_features)
     return DriftMonitor(reference, model=name)
+
+
+def _label_tracker(model_path: Path) -> Any:
+    """Concept-drift tracking needs the accuracy measured at build: a bundle's manifest has it."""
+    manifest = Path(model_path).with_name("manifest.json")
+    if Path(model_path).name != "model.onnx" or not manifest.is_file():
+        return None
+    try:
+        metrics = json.loads(manifest.read_text(encoding="utf-8")).get("metrics") or {}
+    except ValueError:
+        return None
+    m = metrics.get("test") or metrics.get("reference")
+    if not m or not m.get("accuracy"):
+        return None
+    from edge_runtime.core.drift import LabelTracker
+
+    return LabelTracker(float(m["accuracy"]), reference_count=int(m.get("n") or 0) or None)
 
 
 def _drift_events(name: str, uplink: Any) -> Any:

@@ -118,7 +118,8 @@ class Pipeline:
     def __init__(self, name: str, engine: Any, source: Source, *, preprocess: PreprocessSpec | None = None,
                  batch: int = 1, max_wait_s: float = 0.005, resize_fn: ResizeFn = resize_nearest,
                  sink: ResultSink | None = None, poll_s: float = 0.25, drift: Any = None,
-                 drift_every: int = 64, on_drift: Callable[[list[Any]], None] | None = None) -> None:
+                 drift_every: int = 64, on_drift: Callable[[list[Any]], None] | None = None,
+                 concept: Any = None) -> None:
         self.name = name
         self.engine = engine
         self.source = source
@@ -158,6 +159,8 @@ class Pipeline:
         self._drift_rows: list[Any] = []
         self._drift_top1: list[int] = []
         self._drift_seen = 0
+        self.concept = concept  # a LabelTracker fed by label feedback (from the sync thread)
+        self._labels_seen = 0
         self._log_budget: dict[str, int] = {}
         self.started = time.monotonic()
 
@@ -362,6 +365,17 @@ class Pipeline:
         if count <= 5 or count % 1000 == 0:
             log.warning("%s: %s [%s #%d, input skipped]", self.name, message, reason, count)
 
+    def feedback(self, predicted: Any, label: Any) -> None:
+        """A delayed true label for one of this pipeline's predictions (concept drift)."""
+        if self.concept is None:
+            return
+        was = self.concept.drift_detected
+        self.concept.update(np.asarray([predicted]), np.asarray([label]), self._labels_seen)
+        self._labels_seen += 1
+        if self.concept.drift_detected and not was:
+            log.warning("%s: concept drift: accuracy on delayed labels fell (alarm at label %d, change ~%s)",
+                        self.name, self._labels_seen, self.concept.change_index)
+
     def report(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self.started
         out = {"name": self.name, "model": self.engine.describe(), "source": self.source.name,
@@ -371,4 +385,7 @@ class Pipeline:
             out["drift"] = {"samples": self._drift_seen, "kind": self.drift.reference.kind,
                             "alarms": [a.to_dict() for a in self.drift.alarms],
                             "alarmed": bool(self.drift.alarms), "state": self.drift.state()}
+        if self.concept is not None:
+            out["concept"] = {"labels": self._labels_seen, "alarmed": self.concept.drift_detected,
+                              "state": self.concept.state()}
         return out

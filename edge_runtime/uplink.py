@@ -8,11 +8,13 @@ online; its Last Will says offline.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ class UplinkConfig:
     flush_interval_s: float = 0.05
     window: int = 4
     resend_after_s: float = 10.0
+    recent_predictions: int = 20000  # ids kept to resolve label feedback (about 2 MB)
 
 
 class Uplink:
@@ -53,7 +56,14 @@ class Uplink:
         if self.buffer.recovered_from:
             log.error("outbox was corrupt; moved aside to %s", self.buffer.recovered_from)
         self.sync = Sync(self.buffer, self._publish, self.device_id, window=cfg.window,
-                         resend_after_s=cfg.resend_after_s)
+                         resend_after_s=cfg.resend_after_s, on_labels=self._labels)
+        # Label feedback names a prediction by the id in its record ("i"); the device remembers the
+        # last ``cfg.recent_predictions`` ids with their model and predicted label to resolve it.
+        self._n = 0
+        self._recent: dict[str, tuple[str, Any]] = {}
+        self._recent_order: collections.deque[str] = collections.deque()
+        self.label_sink: Callable[[str, Any, Any], None] | None = None
+        self.labels_unresolved = 0
         will = p.last_will(self.device_id, self.boot_id, time_ms=int(time.time() * 1000), agent_version=__version__)
         self.transport = MqttTransport(BrokerConfig.from_url(cfg.broker_url, self.device_id),
                                        on_message=self.sync.on_message, on_connection_change=self._on_connection,
@@ -65,12 +75,30 @@ class Uplink:
 
     # -- the hot path: in-memory appends only -----------------------------------------------------
 
-    def prediction(self, model: str, label: Any, score: float | None, created: float) -> None:
+    def prediction(self, model: str, label: Any, score: float | None, created: float) -> str:
+        """Queue one prediction record; returns its id (what label feedback refers to)."""
+        self._n += 1
+        pid = f"{self.boot_id[:8]}-{self._n}"
         if score is None:
-            body = f'{{"m":{json.dumps(model)},"y":{json.dumps(label)}}}'
+            body = f'{{"i":"{pid}","m":{json.dumps(model)},"y":{json.dumps(label)}}}'
         else:
-            body = f'{{"m":{json.dumps(model)},"y":{json.dumps(label)},"p":{score:.6g}}}'
+            body = f'{{"i":"{pid}","m":{json.dumps(model)},"y":{json.dumps(label)},"p":{score:.6g}}}'
         self.buffer.append("prediction", body.encode(), created)
+        self._recent[pid] = (model, label)
+        self._recent_order.append(pid)
+        if len(self._recent_order) > self.cfg.recent_predictions:
+            self._recent.pop(self._recent_order.popleft(), None)
+        return pid
+
+    def _labels(self, msg: p.LabelFeedback) -> None:
+        """Sync thread: resolve each label to (model, predicted label) and hand it to the tracker."""
+        for item in msg.labels:
+            hit = self._recent.get(item.ref) if isinstance(item.ref, str) else None
+            if hit is None:
+                self.labels_unresolved += 1
+                continue
+            if self.label_sink is not None:
+                self.label_sink(hit[0], hit[1], item.label)
 
     def record(self, kind: str, payload: dict[str, Any], created: float) -> None:
         self.buffer.append(kind, json.dumps(payload, separators=(",", ":")).encode(), created)
@@ -134,4 +162,5 @@ class Uplink:
     def report(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "boot_id": self.boot_id, "broker": self.cfg.broker_url,
                 "connected": self.transport.connected, "pending": self.buffer.pending_count(),
-                "buffer": self.buffer.stats().to_dict(), "sync": self.sync.stats.to_dict()}
+                "buffer": self.buffer.stats().to_dict(), "sync": self.sync.stats.to_dict(),
+                "labels_unresolved": self.labels_unresolved}

@@ -196,3 +196,47 @@ def test_malformed_payloads_on_every_topic_are_counted_and_dropped(models_dir: P
     assert check_exactly_once(tmp_path / "cloud.db", outbox) == 2001
     # The agent got the garbage sent to its command topics and counted it by reason.
     assert sum(json.loads(report.read_text())["uplink"]["sync"]["bad_messages"].values()) >= 2 * len(bad)
+
+
+def test_label_feedback_from_the_cloud_reaches_the_concept_drift_tracker(models_dir: Path, broker_factory,
+                                                                          tmp_path: Path) -> None:
+    """The cloud answers with true labels for stored predictions (by their id); every one contradicts the
+    model, so the agent's tracker, calibrated on the bundle's test accuracy, raises concept drift."""
+    import paho.mqtt.client as mqtt
+
+    from edge_runtime.adapters import ed25519
+    from edge_runtime.bundle import CreateOptions, create_bundle
+    from edge_runtime.core import protocol as p
+    from edge_runtime.profiles import load_profile
+
+    ed25519.write_keypair(ed25519.generate(), tmp_path / "k")
+    bundle = create_bundle(models_dir / "digits_mlp.onnx", "1", tmp_path / "k", tmp_path / "b", CreateOptions(
+        test_data=str(models_dir / "digits_mlp.test_x.npy"), test_labels=str(models_dir / "digits_mlp.test_y.npy")),
+        load_profile("generic"))
+    broker = broker_factory()
+    svc = IngestService(broker.url, str(tmp_path / "cloud.db"))
+    svc.start()
+    report = tmp_path / "report.json"
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--model", str(bundle), "--key",
+                             str(tmp_path / "k.pub"), "--source", "synthetic:300", "--broker", broker.url,
+                             "--device-id", "dev-1", "--buffer", str(tmp_path / "outbox.db"), "--report-json",
+                             str(report), "--status-interval", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: svc.store.count() >= 150, 30, "150 predictions in the cloud")
+        preds = [(r[5]["i"], r[5]["y"]) for r in svc.store.records("dev-1") if r[3] == "p"][:150]
+        fb = p.LabelFeedback("dev-1", "fb-1", tuple(p.Label(i, (y + 1) % 10) for i, y in preds))
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="reviewer", protocol=mqtt.MQTTv5)
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        c.publish(fb.topic, fb.to_wire(), qos=1).wait_for_publish(5)
+        c.loop_stop()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.kill()
+        svc.stop()
+    r = json.loads(report.read_text())
+    concept = r["pipelines"][0]["concept"]
+    assert concept["labels"] == 150 and concept["alarmed"]
+    assert r["uplink"]["labels_unresolved"] == 0 and r["uplink"]["sync"]["labels_received"] == 150
