@@ -220,7 +220,8 @@ def test_label_feedback_from_the_cloud_reaches_the_concept_drift_tracker(models_
     proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--model", str(bundle), "--key",
                              str(tmp_path / "k.pub"), "--source", "synthetic:300", "--broker", broker.url,
                              "--device-id", "dev-1", "--buffer", str(tmp_path / "outbox.db"), "--report-json",
-                             str(report), "--status-interval", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             str(report), "--status-interval", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: svc.store.count() >= 150, 30, "150 predictions in the cloud")
         preds = [(r[5]["i"], r[5]["y"]) for r in svc.store.records("dev-1") if r[3] == "p"][:150]
