@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -60,6 +61,8 @@ class Uplink:
         # Label feedback names a prediction by the id in its record ("i"); the device remembers the
         # last ``cfg.recent_predictions`` ids with their model and predicted label to resolve it.
         self._n = 0
+        self._id_prefix = f"{self.boot_id[:8]}-"
+        self._model_json: dict[str, str] = {}
         self._recent: dict[str, tuple[str, Any]] = {}
         self._recent_order: collections.deque[str] = collections.deque()
         self.label_sink: Callable[[str, Any, Any], None] | None = None
@@ -78,11 +81,15 @@ class Uplink:
     def prediction(self, model: str, label: Any, score: float | None, created: float) -> str:
         """Queue one prediction record; returns its id (what label feedback refers to)."""
         self._n += 1
-        pid = f"{self.boot_id[:8]}-{self._n}"
-        if score is None:
-            body = f'{{"i":"{pid}","m":{json.dumps(model)},"y":{json.dumps(label)}}}'
+        pid = f"{self._id_prefix}{self._n}"
+        m = self._model_json.get(model)
+        if m is None:
+            m = self._model_json[model] = json.dumps(model)
+        y = label if type(label) is int else json.dumps(label)
+        if score is None or not math.isfinite(score):  # NaN is not JSON: leave the score out
+            body = f'{{"i":"{pid}","m":{m},"y":{y}}}'
         else:
-            body = f'{{"i":"{pid}","m":{json.dumps(model)},"y":{json.dumps(label)},"p":{score:.6g}}}'
+            body = f'{{"i":"{pid}","m":{m},"y":{y},"p":{score:.6g}}}'
         self.buffer.append("prediction", body.encode(), created)
         self._recent[pid] = (model, label)
         self._recent_order.append(pid)
