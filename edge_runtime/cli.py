@@ -270,7 +270,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         concept = None if args.no_drift else _label_tracker(ref.model_path)
         pipelines.append(Pipeline(pname, engine, src, preprocess=pre, batch=args.batch,
                                   max_wait_s=args.max_wait_ms / 1000.0, resize_fn=resize_fn, sink=sink,
-                                  drift=monitor, on_drift=_drift_events(pname, uplink), concept=concept))
+                                  drift=monitor, on_drift=_drift_events(pname, uplink), concept=concept,
+                                  on_summary=_drift_summaries(pname, ref.version or "", uplink)))
     extra = {"profile": profile.to_dict(), "sync": "disabled" if uplink is None else "mqtt",
              "onnxruntime": _ort_version()}
     agent = Agent(pipelines, max_inputs=args.max_inputs, status_interval_s=args.status_interval,
@@ -347,6 +348,18 @@ def _label_tracker(model_path: Path) -> Any:
     from edge_runtime.core.drift import LabelTracker
 
     return LabelTracker(float(m["accuracy"]), reference_count=int(m.get("n") or 0) or None)
+
+
+def _drift_summaries(name: str, version: str, uplink: Any) -> Any:
+    """Drift summaries as `drift` records: the cloud merges them into fleet drift without raw inputs."""
+    if uplink is None:
+        return None
+    from edge_runtime.core import protocol as p
+
+    def send(summary: Any, since: float, now: float) -> None:
+        env = p.DriftSummary(name, version, int(since * 1000), int(now * 1000), summary.to_dict())
+        uplink.record("drift", env.to_payload(), now)
+    return send
 
 
 def _drift_events(name: str, uplink: Any) -> Any:

@@ -119,7 +119,8 @@ class Pipeline:
                  batch: int = 1, max_wait_s: float = 0.005, resize_fn: ResizeFn = resize_nearest,
                  sink: ResultSink | None = None, poll_s: float = 0.25, drift: Any = None,
                  drift_every: int = 64, on_drift: Callable[[list[Any]], None] | None = None,
-                 concept: Any = None) -> None:
+                 concept: Any = None, on_summary: Callable[[Any, float, float], None] | None = None,
+                 summary_interval_s: float = 60.0) -> None:
         self.name = name
         self.engine = engine
         self.source = source
@@ -159,6 +160,10 @@ class Pipeline:
         self._drift_rows: list[Any] = []
         self._drift_top1: list[int] = []
         self._drift_seen = 0
+        # Drift summaries go out every ``summary_interval_s`` and when an alarm opens or closes.
+        self.on_summary = on_summary
+        self.summary_interval_s = summary_interval_s
+        self._summary_since = time.time()
         self.concept = concept  # a LabelTracker fed by label feedback (from the sync thread)
         self._labels_seen = 0
         self._log_budget: dict[str, int] = {}
@@ -275,6 +280,18 @@ class Pipeline:
                         alarm.reason)
         if changed and self.on_drift is not None:
             self.on_drift(changed)
+        if self.on_summary is not None and (changed or time.time() - self._summary_since >= self.summary_interval_s):
+            self.emit_summary()
+
+    def emit_summary(self) -> None:
+        """Hand the drift summary of the complete windows since the last one to ``on_summary``."""
+        if self.drift is None or self.on_summary is None:
+            return
+        now = time.time()
+        summary = self.drift.take_summary()
+        if summary.windows:
+            self.on_summary(summary, self._summary_since, now)
+        self._summary_since = now
 
     def _read_batch(self) -> tuple[list[Record], list[dict[str, Any]], bool]:
         """Up to ``batch`` records and their samples (preprocessed, not yet checked), and whether the
@@ -382,6 +399,7 @@ class Pipeline:
                "batch": self.batch, "elapsed_s": round(elapsed, 3), **self.metrics.snapshot(elapsed)}
         if self.drift is not None:
             self.flush_drift()
+            self.emit_summary()
             out["drift"] = {"samples": self._drift_seen, "kind": self.drift.reference.kind,
                             "alarms": [a.to_dict() for a in self.drift.alarms],
                             "alarmed": bool(self.drift.alarms), "state": self.drift.state()}

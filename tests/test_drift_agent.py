@@ -55,3 +55,33 @@ def test_no_drift_flag_and_plain_models_without_reference(bundle, models_dir: Pa
     r = json.loads(cli("run", "--model", str(models_dir / "digits_mlp.onnx"), "--max-inputs", "10",
                        "--drift-reference", str(bundle[0] / "reference_profile.json"), "--json").stdout)
     assert r["pipelines"][0]["drift"]["samples"] == 10
+
+
+def test_drift_alarms_and_summaries_reach_the_cloud(bundle, models_dir: Path, broker_factory,
+                                                     tmp_path: Path) -> None:
+    """With --broker the alarm goes out as an event record and the window statistics as drift summary
+    records, which merge back into the statistics of the whole stream."""
+    from cloud_sync.service import IngestService
+    from edge_runtime.core.drift import load_reference, merge_summaries
+
+    broker = broker_factory()
+    svc = IngestService(broker.url, str(tmp_path / "cloud.db"))
+    svc.start()
+    try:
+        f = tmp_path / "dim.npy"
+        np.save(f, (np.load(models_dir / "digits_mlp.test_x.npy") * 0.6).astype(np.float32))
+        cli("run", "--model", str(bundle[0]), "--key", str(bundle[1]), "--source", f"npy:{f}", "--loop",
+            "--max-inputs", "1500", "--broker", broker.url, "--device-id", "dev-1", "--buffer",
+            str(tmp_path / "outbox.db"), "--drain-timeout", "15")
+        rows = svc.store.records("dev-1")
+    finally:
+        svc.stop()
+    events = [r[5] for r in rows if r[3] == "e"]
+    summaries = [r[5] for r in rows if r[3] == "d"]
+    assert [e["name"] for e in events] == ["drift_alarm"]
+    assert summaries and all(s["model"] == "digits_mlp" for s in summaries)
+    reference = load_reference(json.loads((bundle[0] / "reference_profile.json").read_text()))
+    merged = summaries[0]["summary"]
+    for s in summaries[1:]:
+        merged = merge_summaries(merged, s["summary"], reference)
+    assert merged["n"] == 1500 and merged["windows"] == 3
