@@ -82,10 +82,6 @@ class Sync:
 
     # -- the sync thread ------------------------------------------------------------------------------
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._inflight)
-
     def tick(self, now: float) -> None:
         """Apply received acks, then fill the in-flight window (resending what timed out)."""
         self._drain_inbox()

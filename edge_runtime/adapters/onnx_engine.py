@@ -144,10 +144,6 @@ class OnnxEngine:
         log.info("model %s loaded: inputs %s, providers %s", self.name,
                  ", ".join(t.describe() for t in self.spec.inputs), self.providers)
 
-    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[Any]:
-        """``session.run``'s signature; the agent's hot path uses :meth:`runner` instead."""
-        return self.session.run(output_names, feeds)
-
     def runner(self, batch: int) -> Any:
         """The fastest verified way to run a feed of ``batch`` samples: an IOBinding with outputs
         pre-allocated (they are overwritten by the next run; copy what you keep), else ``session.run``."""
@@ -160,13 +156,6 @@ class OnnxEngine:
 
     def _plain_run(self, feeds: dict[str, np.ndarray]) -> list[Any]:
         return self.session.run(None, feeds)
-
-    def infer(self, feeds: dict[str, np.ndarray]) -> list[Any]:
-        """Run one batch; ``run(None, feeds)`` is the same without the error translation."""
-        try:
-            return self.session.run(None, feeds)
-        except Exception as e:
-            raise ModelLoadError(f"inference failed for model {self.name}: {_short_ort_message(e)}") from e
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "path": self.model_path, "providers": self.providers,

@@ -9,7 +9,6 @@ counts, so per-pipeline or per-device partials combine exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -69,10 +68,6 @@ class LatencyHistogram:
             self.min = ns
         self.count += 1
         self.total += ns
-
-    def record_many(self, values: Iterable[int]) -> None:
-        for v in values:
-            self.record(int(v))
 
     def merge(self, other: LatencyHistogram) -> LatencyHistogram:
         """Add ``other`` into ``self`` (in place) and return ``self``."""
