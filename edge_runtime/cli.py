@@ -250,6 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     pred_out = _open_predictions(args.predictions)
     uplink = _uplink(args)
     pipelines = []
+    versions: dict[str, str] = {}
     names: set[str] = set()
     for i, model_arg in enumerate(args.model):
         name, sep, path = model_arg.partition("=")
@@ -267,7 +268,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.info("model %s: preprocessing from %s: %s", pname, ref.preprocess_origin, pre.to_dict())
         sink = _sinks(pname, pred_out, uplink)
         monitor = None if args.no_drift else _drift_monitor(args.drift_reference or ref.reference, pname)
-        concept = None if args.no_drift else _label_tracker(ref.model_path)
+        concept = None if args.no_drift else _label_tracker(ref.metrics)
+        versions[pname] = ref.version or ""
         pipelines.append(Pipeline(pname, engine, src, preprocess=pre, batch=args.batch,
                                   max_wait_s=args.max_wait_ms / 1000.0, resize_fn=resize_fn, sink=sink,
                                   drift=monitor, on_drift=_drift_events(pname, uplink), concept=concept,
@@ -277,7 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent = Agent(pipelines, max_inputs=args.max_inputs, status_interval_s=args.status_interval,
                   extra_report=extra)
     if uplink is not None:
-        uplink.models = [(pl.name, "") for pl in pipelines]
+        uplink.models = [(pl.name, versions[pl.name]) for pl in pipelines]
         by_name = {pl.name: pl for pl in pipelines}
 
         def route_label(model: str, predicted: Any, label: Any) -> None:
@@ -333,16 +335,9 @@ def _drift_monitor(path: Any, name: str) -> Any:
     return DriftMonitor(reference, model=name)
 
 
-def _label_tracker(model_path: Path) -> Any:
+def _label_tracker(metrics: dict[str, Any] | None) -> Any:
     """Concept-drift tracking needs the accuracy measured at build: a bundle's manifest has it."""
-    manifest = Path(model_path).with_name("manifest.json")
-    if Path(model_path).name != "model.onnx" or not manifest.is_file():
-        return None
-    try:
-        metrics = json.loads(manifest.read_text(encoding="utf-8")).get("metrics") or {}
-    except ValueError:
-        return None
-    m = metrics.get("test") or metrics.get("reference")
+    m = (metrics or {}).get("test") or (metrics or {}).get("reference")
     if not m or not m.get("accuracy"):
         return None
     from edge_runtime.core.drift import LabelTracker

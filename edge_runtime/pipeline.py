@@ -38,6 +38,7 @@ class ModelRef:
     preprocess: PreprocessSpec | None
     preprocess_origin: str | None
     reference: Path | None = None  # the bundle's reference_profile.json, for drift monitoring
+    metrics: dict[str, Any] | None = None  # the bundle manifest's accuracy at build, for concept drift
 
 
 def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = None) -> ModelRef:
@@ -45,6 +46,7 @@ def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = 
     spec comes from the manifest, else ``<model>.preprocess.json``, else the model's metadata."""
     p = Path(path_or_bundle)
     name, version, spec, origin = p.stem, None, None, None
+    metrics = None
     if p.is_dir():
         manifest = p / "manifest.json"
         model = p / "model.onnx"
@@ -57,6 +59,7 @@ def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = 
                 raise ModelLoadError(f"{manifest}: not valid JSON: {e}") from e
             name = str(m.get("name", p.name))
             version = str(m["version"]) if "version" in m else None
+            metrics = m.get("metrics") or None
             if m.get("preprocess"):
                 spec, origin = PreprocessSpec.from_dict(m["preprocess"], str(manifest)), str(manifest)
         else:
@@ -79,7 +82,8 @@ def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = 
             except ValueError as e:
                 raise ConfigError(f"not valid JSON: {e}", path=origin) from e
     ref_file = p.parent / "reference_profile.json"
-    return ModelRef(p, name, version, spec, origin, ref_file if p.name == "model.onnx" and ref_file.is_file() else None)
+    return ModelRef(p, name, version, spec, origin,
+                    ref_file if p.name == "model.onnx" and ref_file.is_file() else None, metrics)
 
 
 class Postprocessor:
@@ -166,7 +170,6 @@ class Pipeline:
         self._summary_since = time.time()
         self.concept = concept  # a LabelTracker fed by label feedback (from the sync thread)
         self._labels_seen = 0
-        self._log_budget: dict[str, int] = {}
         self.started = time.monotonic()
 
     # -- the hot path -------------------------------------------------------------------------
