@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -90,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write each prediction as a JSON line to FILE ('-' for stdout)")
     run.add_argument("--status-interval", type=float, default=30.0, metavar="S",
                      help="log a status line every S seconds (0: never; default 30)")
+    run.add_argument("--metrics-interval", type=float, default=60.0, metavar="S",
+                     help="with --broker: a durable metric snapshot per model every S seconds (default 60)")
+    run.add_argument("--telemetry-interval", type=float, default=10.0, metavar="S",
+                     help="with --broker: live telemetry (QoS 0, not buffered) every S seconds (0: never; default 10)")
+    run.add_argument("--low-confidence", type=float, default=0.5, metavar="T",
+                     help="top-1 scores below T count as low-confidence outputs (default 0.5)")
+    run.add_argument("--no-frame-health", action="store_true",
+                     help="no covered-lens / frozen-feed / out-of-focus checks on video and camera frames")
     run.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
     run.add_argument("--key", action="append", default=[], metavar="PUB",
                      help="public key that bundles must be signed with (repeatable; also "
@@ -232,7 +241,10 @@ def _load(path: str, profile: Any, name: str | None = None, keys: list[str] | No
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import uuid
+
     from edge_runtime.core.inputs import parse_shape_overrides
+    from edge_runtime.feedback import FeedbackRouter, PredictionBook
     from edge_runtime.pipeline import Pipeline
     from edge_runtime.runtime import Agent, write_report
     from edge_runtime.sources import open_source
@@ -249,8 +261,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     resize_fn = _resize_fn()
     pred_out = _open_predictions(args.predictions)
     uplink = _uplink(args)
+    book = PredictionBook(f"{uplink.boot_id[:8] if uplink is not None else uuid.uuid4().hex[:8]}-")
     pipelines = []
-    versions: dict[str, str] = {}
     names: set[str] = set()
     for i, model_arg in enumerate(args.model):
         name, sep, path = model_arg.partition("=")
@@ -266,27 +278,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         pre = None if args.no_preprocess else ref.preprocess
         if pre is not None:
             log.info("model %s: preprocessing from %s: %s", pname, ref.preprocess_origin, pre.to_dict())
-        sink = _sinks(pname, pred_out, uplink)
         monitor = None if args.no_drift else _drift_monitor(args.drift_reference or ref.reference, pname)
         concept = None if args.no_drift else _label_tracker(ref.metrics)
-        versions[pname] = ref.version or ""
+        sink = _sinks(pname, pred_out, uplink, book if concept is not None or pred_out or uplink else None)
+        health = None
+        if not args.no_frame_health and getattr(src, "frames", False):
+            from edge_runtime.core.image_features import ImageHealth
+
+            health = ImageHealth()
+        version = ref.version or ""
         pipelines.append(Pipeline(pname, engine, src, preprocess=pre, batch=args.batch,
                                   max_wait_s=args.max_wait_ms / 1000.0, resize_fn=resize_fn, sink=sink,
                                   drift=monitor, on_drift=_drift_events(pname, uplink), concept=concept,
-                                  on_summary=_drift_summaries(pname, ref.version or "", uplink)))
+                                  on_summary=_drift_summaries(pname, version, uplink),
+                                  low_confidence=args.low_confidence, health=health,
+                                  on_health=_health_events(pname, uplink), version=version))
     extra = {"profile": profile.to_dict(), "sync": "disabled" if uplink is None else "mqtt",
              "onnxruntime": _ort_version()}
+    router = FeedbackRouter(book, pipelines)
+    for pl in pipelines:
+        if hasattr(pl.source, "on_feedback"):
+            pl.source.on_feedback = router.labels
     agent = Agent(pipelines, max_inputs=args.max_inputs, status_interval_s=args.status_interval,
-                  extra_report=extra)
+                  extra_report=extra, feedback=router,
+                  on_metrics=_metric_records(uplink), metrics_interval_s=args.metrics_interval,
+                  on_telemetry=uplink.telemetry if uplink is not None else None,
+                  telemetry_interval_s=args.telemetry_interval)
     if uplink is not None:
-        uplink.models = [(pl.name, versions[pl.name]) for pl in pipelines]
-        by_name = {pl.name: pl for pl in pipelines}
-
-        def route_label(model: str, predicted: Any, label: Any) -> None:
-            if model in by_name:
-                by_name[model].feedback(predicted, label)
-
-        uplink.label_sink = route_label
+        uplink.models = [(pl.name, pl.version) for pl in pipelines]
+        uplink.label_sink = router.label
         uplink.start()
     try:
         report = agent.run()
@@ -294,8 +314,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if pred_out is not None and pred_out is not sys.stdout:
             pred_out.close()
         if uplink is not None:
-            for pl in pipelines:
-                uplink.record("metric", {"pipeline": pl.name, **_metric_snapshot(pl)}, time.time())
+            Agent._hook("metrics", lambda: _metric_records(uplink)(agent.metric_snapshots()))
             sync_report = uplink.stop(args.drain_timeout)
     if uplink is not None:
         report["uplink"] = sync_report
@@ -351,9 +370,37 @@ def _drift_summaries(name: str, version: str, uplink: Any) -> Any:
         return None
     from edge_runtime.core import protocol as p
 
-    def send(summary: Any, since: float, now: float) -> None:
-        env = p.DriftSummary(name, version, int(since * 1000), int(now * 1000), summary.to_dict())
+    def send(summary: Any, since: float, now: float, concept: dict[str, Any] | None) -> None:
+        env = p.DriftSummary(name, version, int(since * 1000), int(now * 1000), summary.to_dict(distances=False),
+                             concept)
         uplink.record("drift", env.to_payload(), now)
+    return send
+
+
+def _health_events(name: str, uplink: Any) -> Any:
+    """Frame-health events (covered lens, frozen feed, out of focus) as `event` records."""
+    if uplink is None:
+        return None
+
+    def send(events: list[Any]) -> None:
+        now = time.time()
+        for ev in events:
+            start = ev.action == "start"
+            uplink.record("event", {"name": f"frame_{ev.reason}" if start else f"frame_{ev.reason}_cleared",
+                                    "severity": "warning" if start else "info", "ref": name,
+                                    "message": f"{ev.reason} frames from frame {ev.index}" if start else
+                                    f"{ev.reason} ended at frame {ev.index}", "detail": ev.to_dict()}, now)
+    return send
+
+
+def _metric_records(uplink: Any) -> Any:
+    if uplink is None:
+        return None
+
+    def send(snapshots: list[dict[str, Any]]) -> None:
+        now = time.time()
+        for snap in snapshots:
+            uplink.record("metric", snap, now)
     return send
 
 
@@ -370,31 +417,33 @@ def _drift_events(name: str, uplink: Any) -> Any:
     return send
 
 
-def _metric_snapshot(pl: Any) -> dict[str, Any]:
-    m = pl.metrics
-    lat = m.stages["latency"]
-    return {"inputs": m.inputs, "predictions": m.predictions, "errors": dict(m.errors),
-            "latency_us": lat.summary_us()}
-
-
-def _sinks(name: str, pred_out: Any, uplink: Any) -> Any:
-    """The per-batch result sink: JSON lines to a file, predictions to the outbox, or both."""
-    sinks = []
-    if pred_out is not None:
-        sinks.append(_prediction_sink(name, pred_out))
-    if uplink is not None:
-        def to_outbox(records: list[Any], labels: Any, scores: Any, outputs: list[Any]) -> None:
-            now = time.time()
-            if labels is None:
-                return
-            for i, lab in enumerate(labels.tolist()):
-                uplink.prediction(name, lab, float(scores[i]) if scores is not None else None, now)
-        sinks.append(to_outbox)
-    if not sinks:
+def _sinks(name: str, pred_out: Any, uplink: Any, book: Any) -> Any:
+    """The per-batch result sink: ids for the predictions (what label feedback names), then JSON
+    lines to a file and/or records to the outbox. None when nothing consumes predictions."""
+    if book is None:
         return None
-    if len(sinks) == 1:
-        return sinks[0]
-    return lambda *a: [s(*a) for s in sinks]
+
+    def sink(records: list[Any], labels: Any, scores: Any, outputs: list[Any]) -> None:
+        if labels is None:
+            if pred_out is not None:
+                pred_out.write(json.dumps({"pipeline": name, "outputs": [
+                    o.tolist() if hasattr(o, "tolist") else o for o in outputs]}) + "\n")
+            return
+        labs = labels.tolist()
+        ids = book.assign(name, records, labs)
+        sc = scores.tolist() if scores is not None else None
+        if pred_out is not None:
+            for i, lab in enumerate(labs):
+                row = {"pipeline": name, "id": ids[i], "label": lab}
+                if sc is not None and math.isfinite(sc[i]):
+                    row["score"] = round(sc[i], 6)
+                pred_out.write(json.dumps(row) + "\n")
+            pred_out.flush()  # one flush per batch: a reader (tail -f, a labelling tool) sees it now
+        if uplink is not None:
+            now = time.time()
+            for i, lab in enumerate(labs):
+                uplink.prediction(name, lab, sc[i] if sc is not None else None, now, ids[i])
+    return sink
 
 
 def _ort_version() -> str:
@@ -419,20 +468,6 @@ def _open_predictions(arg: str | None) -> Any:
     if arg == "-":
         return sys.stdout
     return Path(arg).open("w", encoding="utf-8")
-
-
-def _prediction_sink(name: str, out: Any) -> Any:
-    def sink(records: list[Any], labels: Any, scores: Any, outputs: list[Any]) -> None:
-        if labels is not None:
-            for i, lab in enumerate(labels.tolist()):
-                row = {"pipeline": name, "label": lab}
-                if scores is not None:
-                    row["score"] = round(float(scores[i]), 6)
-                out.write(json.dumps(row) + "\n")
-        else:
-            out.write(json.dumps({"pipeline": name, "outputs": [o.tolist() if hasattr(o, "tolist") else o
-                                                                for o in outputs]}) + "\n")
-    return sink
 
 
 def format_run_summary(report: dict[str, Any]) -> str:

@@ -7,8 +7,11 @@ agent loop against bare ``session.run``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.core.drift import MAX_WIRE_WINDOWS, prediction_distances
 from edge_runtime.core.metrics import PipelineMetrics
 from edge_runtime.core.preprocess import METADATA_KEY, Preprocessor, PreprocessSpec, ResizeFn, resize_nearest
 from edge_runtime.core.spec import ModelSpec, SampleValidator
@@ -110,10 +114,6 @@ class Postprocessor:
             return outputs[self.labels_index]
         return None
 
-    def scores(self, outputs: list[Any]) -> np.ndarray | None:
-        """Top-1 score per sample; only computed when someone consumes it (a prediction sink)."""
-        return outputs[self.scores_index].max(axis=1) if self.scores_index is not None else None
-
 
 class Pipeline:
     """Runs one model over one source. ``step()`` processes one micro-batch (one sample when
@@ -124,8 +124,10 @@ class Pipeline:
                  sink: ResultSink | None = None, poll_s: float = 0.25, drift: Any = None,
                  drift_every: int = 64, on_drift: Callable[[list[Any]], None] | None = None,
                  concept: Any = None, on_summary: Callable[[Any, float, float], None] | None = None,
-                 summary_interval_s: float = 60.0) -> None:
+                 summary_interval_s: float = 60.0, low_confidence: float = 0.5, health: Any = None,
+                 on_health: Callable[[list[Any]], None] | None = None, version: str = "") -> None:
         self.name = name
+        self.version = version
         self.engine = engine
         self.source = source
         self.spec: ModelSpec = engine.spec
@@ -150,6 +152,7 @@ class Pipeline:
                              and not getattr(source, "preprocessed", False) else None)
         self.postprocess = Postprocessor(self.spec)
         self.sink = sink
+        self.low_confidence = low_confidence  # top-1 scores below this count as low-confidence outputs
         self.batchable = self.spec.batchable
         # Build (and so warm up: the IOBinding check runs the model) the runners of the usual batch
         # sizes now, not on the first input.
@@ -160,7 +163,12 @@ class Pipeline:
         self.drift = drift
         self.drift_every = drift_every
         self.on_drift = on_drift
-        self._drift_raw = drift is not None and drift.reference.kind == "image"
+        # Frame-health checks (covered lens, frozen feed, out of focus) need no reference; they and an
+        # image reference look at the raw frames, computing the image features once for both.
+        self.health = health
+        self.on_health = on_health
+        self._drift_raw = health is not None or (drift is not None and drift.reference.kind == "image")
+        self._gather = drift is not None or health is not None
         self._drift_rows: list[Any] = []
         self._drift_top1: list[int] = []
         self._drift_seen = 0
@@ -170,6 +178,9 @@ class Pipeline:
         self._summary_since = time.time()
         self.concept = concept  # a LabelTracker fed by label feedback (from the sync thread)
         self._labels_seen = 0
+        self._feedback_lock = threading.Lock()
+        self._window_state: dict[str, dict[str, Any]] = {}
+        self.metric_marks: dict[str, float] = {}  # when each periodic report last took a window
         self.started = time.monotonic()
 
     # -- the hot path -------------------------------------------------------------------------
@@ -233,18 +244,34 @@ class Pipeline:
             return
         t3 = time.perf_counter_ns()
         labels = self.postprocess.labels(outputs)
+        top = None
         if labels is not None:
-            counts = self.metrics.labels
+            m = self.metrics
+            counts = m.labels
+            si = self.postprocess.scores_index
             if n == 1:
                 lab = int(labels[0])
                 counts[lab] = counts.get(lab, 0) + 1
+                if si is not None:
+                    top = outputs[si][0, labels]
+                    t = float(top[0])
+                    if not t >= self.low_confidence:  # also true for NaN
+                        if math.isfinite(t):
+                            m.low_confidence += 1
+                        else:
+                            m.null_outputs += 1
             else:
                 for lab in labels.tolist():
                     counts[lab] = counts.get(lab, 0) + 1
+                if si is not None:
+                    top = outputs[si][np.arange(n), labels]
+                    finite = np.isfinite(top)
+                    m.low_confidence += int((top[finite] < self.low_confidence).sum())
+                    m.null_outputs += n - int(finite.sum())
         if self.sink is not None:
-            self.sink(records, labels, self.postprocess.scores(outputs), outputs)
+            self.sink(records, labels, top, outputs)
         self.metrics.record_batch(t0, t1, t2, t3, time.perf_counter_ns(), n)
-        if self.drift is not None:
+        if self._gather:
             self._gather_drift(feeds, records, labels, n)
 
     def _gather_drift(self, feeds: dict[str, np.ndarray], records: list[Record], labels: Any, n: int) -> None:
@@ -267,10 +294,20 @@ class Pipeline:
         if not rows:
             return
         self._drift_rows, self._drift_top1 = [], []
+        changed: list[Any] = []
         try:
             x = np.stack([np.asarray(r) for r in rows])
             top = np.asarray(top1) if len(top1) == len(rows) else None
-            changed = self.drift.update(x, top, self._drift_seen)
+            if self._drift_raw:
+                from edge_runtime.core.image_features import frame_features
+
+                feats = frame_features(x)
+                if self.health is not None:
+                    self._health_events(self.health.update(x, self._drift_seen, features=feats))
+                if self.drift is not None:
+                    changed = self.drift.update_features(feats, top, self._drift_seen)
+            elif self.drift is not None:
+                changed = self.drift.update(x, top, self._drift_seen)
         except Exception as e:
             self._error("drift", len(rows), f"drift monitor failed: {e}")
             return
@@ -283,17 +320,31 @@ class Pipeline:
                         alarm.reason)
         if changed and self.on_drift is not None:
             self.on_drift(changed)
-        if self.on_summary is not None and (changed or time.time() - self._summary_since >= self.summary_interval_s):
+        if self.on_summary is not None and self.drift is not None and (
+                changed or time.time() - self._summary_since >= self.summary_interval_s
+                or self.drift.period_windows >= MAX_WIRE_WINDOWS):
             self.emit_summary()
 
+    def _health_events(self, events: list[Any]) -> None:
+        for ev in events:
+            if ev.action == "start":
+                log.warning("%s: frame health: %s since frame %d (measure %.3g)", self.name, ev.reason, ev.index,
+                            ev.value)
+            else:
+                log.info("%s: frame health: %s ended at frame %d", self.name, ev.reason, ev.index)
+        if events and self.on_health is not None:
+            self.on_health(events)
+
     def emit_summary(self) -> None:
-        """Hand the drift summary of the complete windows since the last one to ``on_summary``."""
+        """Hand the drift summary of the complete windows since the last one to ``on_summary``, with
+        the label tracker's state (``None`` without one)."""
         if self.drift is None or self.on_summary is None:
             return
         now = time.time()
         summary = self.drift.take_summary()
         if summary.windows:
-            self.on_summary(summary, self._summary_since, now)
+            self.on_summary(summary, self._summary_since, now,
+                            self.concept.state() if self.concept is not None else None)
         self._summary_since = now
 
     def _read_batch(self) -> tuple[list[Record], list[dict[str, Any]], bool]:
@@ -339,6 +390,8 @@ class Pipeline:
     def _to_sample(self, rec: Record) -> dict[str, Any]:
         """A record as {input name: array}, with the model's preprocessing applied."""
         if type(rec) is dict:
+            if "id" in rec and "id" not in self._input_set:  # the input's own id, not a tensor
+                rec = {k: v for k, v in rec.items() if k != "id"}
             if self.preprocessor is not None and self.first_input in rec:
                 rec = {**rec, self.first_input: self.preprocessor(rec[self.first_input])}
             return rec
@@ -389,10 +442,15 @@ class Pipeline:
         """A delayed true label for one of this pipeline's predictions (concept drift)."""
         if self.concept is None:
             return
-        was = self.concept.drift_detected
-        self.concept.update(np.asarray([predicted]), np.asarray([label]), self._labels_seen)
-        self._labels_seen += 1
-        if self.concept.drift_detected and not was:
+        if isinstance(predicted, int) and isinstance(label, str):
+            with contextlib.suppress(ValueError):
+                label = int(label)  # "7" from a JSON file or a person's answer
+        with self._feedback_lock:  # the sync thread and a stdin source may both deliver labels
+            was = self.concept.drift_detected
+            self.concept.update(np.asarray([predicted]), np.asarray([label]), self._labels_seen)
+            self._labels_seen += 1
+            raised = self.concept.drift_detected and not was
+        if raised:
             log.warning("%s: concept drift: accuracy on delayed labels fell (alarm at label %d, change ~%s)",
                         self.name, self._labels_seen, self.concept.change_index)
 
@@ -400,13 +458,50 @@ class Pipeline:
         elapsed = time.monotonic() - self.started
         out = {"name": self.name, "model": self.engine.describe(), "source": self.source.name,
                "batch": self.batch, "elapsed_s": round(elapsed, 3), **self.metrics.snapshot(elapsed)}
-        if self.drift is not None:
+        if self._gather:
             self.flush_drift()
+        if self.drift is not None:
             self.emit_summary()
             out["drift"] = {"samples": self._drift_seen, "kind": self.drift.reference.kind,
                             "alarms": [a.to_dict() for a in self.drift.alarms],
                             "alarmed": bool(self.drift.alarms), "state": self.drift.state()}
+            out["prediction_shift"] = self._prediction_shift()
+        if self.health is not None:
+            out["frame_health"] = self.health.state()
         if self.concept is not None:
             out["concept"] = {"labels": self._labels_seen, "alarmed": self.concept.drift_detected,
                               "state": self.concept.state()}
         return out
+
+    def _prediction_shift(self) -> dict[str, Any]:
+        """The output distribution of the whole run against the reference's (no labels needed): class
+        frequencies on the device and in the reference data, their distances, and the alarms of the
+        calibrated per-window test."""
+        ref = self.drift.reference
+        alarms = [a.to_dict() for a in self.drift.alarms if a.kind == "predictions"]
+        if ref.classes is None:
+            return {"available": False, "reason": "the reference profile has no output distribution",
+                    "alarms": alarms, "alarmed": bool(alarms)}
+        live = self.metrics.labels
+        total = sum(live.values())
+        ref_counts = np.asarray(ref.class_counts, dtype=np.float64)
+        ref_total = float(ref_counts.sum()) or 1.0
+        classes = [str(c) for c in ref.classes]
+        return {"available": True, "alarmed": bool(alarms), "alarms": alarms,
+                "classes": classes,
+                "live": {str(k): round(v / total, 4) for k, v in sorted(live.items())} if total else {},
+                "reference": {c: round(float(n) / ref_total, 4) for c, n in zip(classes, ref_counts, strict=True)},
+                "distances": prediction_distances(ref, dict(live)) or {}}
+
+    def metric_window(self, elapsed_s: float, key: str = "metrics") -> dict[str, Any]:
+        """The periodic metric snapshot (see :meth:`PipelineMetrics.window`) with this pipeline's drift
+        and label-feedback state, over the interval since the last call with the same ``key`` (each
+        periodic report keeps its own); called from the agent's main thread."""
+        snap, self._window_state[key] = self.metrics.window(self._window_state.get(key), elapsed_s)
+        self.metric_marks[key] = time.monotonic()
+        snap["model_version"] = self.version
+        snap["drift_alarm"] = bool(self.drift.open_alarms) if self.drift is not None else False
+        if self.concept is not None:
+            snap["accuracy"] = self.concept.accuracy
+            snap["labelled"] = self.concept.labels
+        return snap

@@ -11,7 +11,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,9 +20,10 @@ from typing import Any
 
 from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.feedback import FeedbackRouter
 from edge_runtime.pipeline import Pipeline
 from edge_runtime.sources import close_quietly
-from edge_runtime.sysinfo import cpu_seconds, peak_rss_mb, rss_mb
+from edge_runtime.sysinfo import cpu_seconds, peak_rss_mb, rss_mb, temperature_c, temperatures_c
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,23 @@ class _Worker:
 
 class Agent:
     def __init__(self, pipelines: list[Pipeline], *, max_inputs: int | None = None,
-                 status_interval_s: float = 30.0, extra_report: dict[str, Any] | None = None) -> None:
+                 status_interval_s: float = 30.0, extra_report: dict[str, Any] | None = None,
+                 on_metrics: Callable[[list[dict[str, Any]]], None] | None = None, metrics_interval_s: float = 60.0,
+                 on_telemetry: Callable[[dict[str, Any]], None] | None = None, telemetry_interval_s: float = 10.0,
+                 feedback: FeedbackRouter | None = None) -> None:
         if not pipelines:
             raise ValueError("an agent needs at least one pipeline")
         self.workers = [_Worker(p, max_inputs) for p in pipelines]
         self.status_interval_s = status_interval_s
         self.extra_report = extra_report or {}
+        # Periodic reports from the main thread: durable metric snapshots (one per pipeline) and the
+        # live telemetry view; each hook's failure is logged and the agent goes on serving.
+        self.on_metrics = on_metrics
+        self.metrics_interval_s = metrics_interval_s
+        self.on_telemetry = on_telemetry
+        self.telemetry_interval_s = telemetry_interval_s
+        self.feedback_router = feedback
+        self._machine_marks: dict[str, tuple[float, float]] = {}
         self.stop_reason: str | None = None
         self._stop = threading.Event()
         self.started_at = datetime.now(UTC)
@@ -92,17 +104,72 @@ class Agent:
                 w.thread = threading.Thread(target=self._work, args=(w,), name=f"pipeline-{w.pipeline.name}",
                                             daemon=True)
                 w.thread.start()
-            next_status = time.monotonic() + self.status_interval_s
+            now = time.monotonic()
+            next_status = now + self.status_interval_s
+            next_metrics = now + self.metrics_interval_s
+            next_telemetry = now + min(self.telemetry_interval_s, 2.0)  # the first one soon after start
             while not all(w.done.is_set() for w in self.workers):
                 # Short waits keep signal handling prompt; an idle agent wakes twice a second at most.
                 self.workers[0].done.wait(0.5)
-                if self.status_interval_s > 0 and time.monotonic() >= next_status:
+                now = time.monotonic()
+                if self.status_interval_s > 0 and now >= next_status:
                     next_status += self.status_interval_s
                     log.info("%s", self.status_line())
+                if self.on_telemetry is not None and self.telemetry_interval_s > 0 and now >= next_telemetry:
+                    next_telemetry = now + self.telemetry_interval_s
+                    self._hook("telemetry", lambda: self.on_telemetry(self.telemetry()))  # type: ignore[misc]
+                if self.on_metrics is not None and self.metrics_interval_s > 0 and now >= next_metrics:
+                    next_metrics = now + self.metrics_interval_s
+                    self._hook("metrics", lambda: self.on_metrics(self.metric_snapshots()))  # type: ignore[misc]
             for w in self.workers:
                 assert w.thread is not None
                 w.thread.join()
         return self.report()
+
+    @staticmethod
+    def _hook(what: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("%s report failed; serving goes on", what)
+
+    def machine(self, key: str) -> dict[str, Any]:
+        """CPU % of this process since the last call with the same ``key`` (the run's start at first),
+        RSS, the hottest thermal zone and uptime."""
+        now, cpu = time.monotonic(), cpu_seconds()
+        t0, c0 = self._machine_marks.get(key, (self._t0, self._cpu0))
+        self._machine_marks[key] = (now, cpu)
+        dt = now - t0
+        return {"cpu_percent": round(100.0 * (cpu - c0) / dt, 1) if dt > 0 else 0.0, "rss_mb": rss_mb(),
+                "temperature_c": temperature_c(), "uptime_s": round(now - self._t0, 1)}
+
+    def metric_snapshots(self) -> list[dict[str, Any]]:
+        """One durable metric snapshot per pipeline (``metric`` records), over the interval since the last."""
+        now = time.monotonic()
+        machine = self.machine("metrics")
+        out = []
+        for w in self.workers:
+            p = w.pipeline
+            last = p.metric_marks.get("metrics", self._t0)
+            out.append({"pipeline": p.name, **p.metric_window(now - last, "metrics"), **machine})
+        return out
+
+    def telemetry(self) -> dict[str, Any]:
+        """The live view: machine metrics and each pipeline's snapshot since the last telemetry."""
+        now = time.monotonic()
+        pipes = {}
+        for w in self.workers:
+            p = w.pipeline
+            last = p.metric_marks.get("telemetry", self._t0)
+            pipes[p.name] = p.metric_window(now - last, "telemetry")
+        return {**self.machine("telemetry"), "pipelines": pipes}
+
+    def feedback(self, ref: Any, label: Any) -> bool:
+        """Delayed true label for the prediction with id ``ref`` (or the input with that id); False
+        when the id is unknown or the agent keeps no prediction ids."""
+        if self.feedback_router is None:
+            return False
+        return self.feedback_router.label(ref, label)
 
     def status_line(self) -> str:
         parts = []
@@ -114,7 +181,8 @@ class Agent:
             p99 = lat.quantile(0.99) / 1000 if lat.count else float("nan")
             parts.append(f"{w.pipeline.name}: {m.predictions / max(elapsed, 1e-9):.1f}/s, "
                          f"p50 {p50:.0f} us, p99 {p99:.0f} us, {m.error_total} errors")
-        return "; ".join(parts) + f"; rss {rss_mb():.0f} MB"
+        temp = temperature_c()
+        return "; ".join(parts) + f"; rss {rss_mb():.0f} MB" + (f"; {temp:.0f} C" if temp is not None else "")
 
     def report(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self._t0
@@ -129,6 +197,8 @@ class Agent:
             "cpu_percent": round(100.0 * cpu / elapsed, 1) if elapsed > 0 else 0.0,
             "rss_mb": rss_mb(),
             "peak_rss_mb": peak_rss_mb(),
+            "temperature_c": temperatures_c() or None,
+            **({"feedback": self.feedback_router.report()} if self.feedback_router is not None else {}),
             "pipelines": [{**w.pipeline.report(), "stopped_by": w.stopped_by,
                            **({"error": w.error} if w.error else {})} for w in self.workers],
         }

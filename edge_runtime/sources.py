@@ -15,6 +15,7 @@ import os
 import select
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -182,7 +183,10 @@ def _is_float(s: str) -> bool:
 
 class StdinSource:
     """JSON lines on a file descriptor (stdin by default): ``[...]`` for a single-input model or
-    ``{"input_name": [...], ...}``. Waits with select(), so an idle agent uses no CPU."""
+    ``{"input_name": [...], ...}``, optionally with ``"id": "..."`` (the input's id, which its
+    prediction then carries). A line ``{"feedback": [[id, label], ...]}`` (or one
+    ``{"feedback": {"id": ..., "label": ...}}``) is delayed label feedback, handed to ``on_feedback``
+    rather than to the model. Waits with select(), so an idle agent uses no CPU."""
 
     MAX_LINE = 16 * 1024 * 1024
 
@@ -194,6 +198,7 @@ class StdinSource:
         self._buf = bytearray()
         self._eof = False
         self._line = 0
+        self.on_feedback: Callable[[list[tuple[Any, Any]]], None] | None = None
 
     def read(self, timeout: float | None = None) -> Record | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -206,7 +211,10 @@ class StdinSource:
                 self._line += 1
                 if not line.strip():
                     continue
-                return self._decode(line)
+                rec = self._decode(line)
+                if rec is None:
+                    continue
+                return rec
             if self._eof:
                 raise EndOfSource
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -223,7 +231,7 @@ class StdinSource:
                 raise InputValidationError("decode", "stdin", f"a JSON line under {self.MAX_LINE} bytes",
                                            "a longer line (dropped)")
 
-    def _decode(self, line: bytes) -> Record:
+    def _decode(self, line: bytes) -> Record | None:
         try:
             obj = json.loads(line)
         except ValueError as e:
@@ -236,9 +244,28 @@ class StdinSource:
                 raise InputValidationError("decode", "stdin", "a rectangular array",
                                            f"a ragged list on line {self._line}") from None
         if isinstance(obj, dict):
-            return {str(k): np.asarray(v) for k, v in obj.items()}
+            if "feedback" in obj and self.on_feedback is not None:
+                self.on_feedback(self._feedback(obj["feedback"]))
+                return None
+            return {str(k): v if k == "id" and isinstance(v, str) else np.asarray(v) for k, v in obj.items()}
         raise InputValidationError("decode", "stdin", "a JSON array or object",
                                    f"{type(obj).__name__} on line {self._line}")
+
+    def _feedback(self, fb: Any) -> list[tuple[Any, Any]]:
+        items = [fb] if isinstance(fb, dict) else fb
+        out = []
+        if isinstance(items, list):
+            for it in items:
+                if isinstance(it, dict) and "id" in it and "label" in it:
+                    out.append((it["id"], it["label"]))
+                elif isinstance(it, list) and len(it) == 2:
+                    out.append((it[0], it[1]))
+                else:
+                    break
+            else:
+                return out
+        raise InputValidationError("feedback", "stdin", '{"feedback": [[id, label], ...]} or '
+                                   '{"feedback": {"id": ..., "label": ...}}', f"{str(fb)[:80]} on line {self._line}")
 
     def close(self) -> None:
         pass

@@ -64,3 +64,36 @@ def machine_info() -> dict[str, Any]:
     return {"machine": platform.machine(), "cpu": cpu_model(), "cores": os.cpu_count(), "ram_gb": mem,
             "board": read_board_model() or None, "os": platform.platform(),
             "python": platform.python_version()}
+
+
+THERMAL_ROOT = Path("/sys/class/thermal")
+
+
+def temperatures_c(root: Path = THERMAL_ROOT) -> dict[str, float]:
+    """Every thermal zone's reading in degrees Celsius, by zone type (``cpu-thermal`` on a Pi,
+    ``CPU-therm``/``GPU-therm`` on a Jetson, ``x86_pkg_temp`` on a PC). Empty where the kernel exposes
+    none (most VMs and containers). A zone that fails to read is left out."""
+    out: dict[str, float] = {}
+    try:
+        zones = sorted(root.glob("thermal_zone*"))
+    except OSError:
+        return out
+    for z in zones:
+        try:
+            milli = int((z / "temp").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        try:
+            name = (z / "type").read_text().strip() or z.name
+        except OSError:
+            name = z.name
+        if name in out:
+            name = f"{name}-{z.name.removeprefix('thermal_zone')}"
+        out[name] = round(milli / 1000.0, 1)
+    return out
+
+
+def temperature_c(root: Path = THERMAL_ROOT) -> float | None:
+    """The hottest thermal zone in degrees Celsius, or None where there is none."""
+    t = temperatures_c(root)
+    return max(t.values()) if t else None

@@ -8,7 +8,6 @@ online; its Last Will says offline.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
@@ -37,7 +36,6 @@ class UplinkConfig:
     flush_interval_s: float = 0.05
     window: int = 4
     resend_after_s: float = 10.0
-    recent_predictions: int = 20000  # ids kept to resolve label feedback (about 2 MB)
 
 
 class Uplink:
@@ -58,14 +56,10 @@ class Uplink:
             log.error("outbox was corrupt; moved aside to %s", self.buffer.recovered_from)
         self.sync = Sync(self.buffer, self._publish, self.device_id, window=cfg.window,
                          resend_after_s=cfg.resend_after_s, on_labels=self._labels)
-        # Label feedback names a prediction by the id in its record ("i"); the device remembers the
-        # last ``cfg.recent_predictions`` ids with their model and predicted label to resolve it.
-        self._n = 0
-        self._id_prefix = f"{self.boot_id[:8]}-"
+        # Label feedback names a prediction by the id in its record ("i"); ``label_sink`` resolves it
+        # (a FeedbackRouter) and says whether the id was known.
         self._model_json: dict[str, str] = {}
-        self._recent: dict[str, tuple[str, Any]] = {}
-        self._recent_order: collections.deque[str] = collections.deque()
-        self.label_sink: Callable[[str, Any, Any], None] | None = None
+        self.label_sink: Callable[[Any, Any], bool] | None = None
         self.labels_unresolved = 0
         will = p.last_will(self.device_id, self.boot_id, time_ms=int(time.time() * 1000), agent_version=__version__)
         self.transport = MqttTransport(BrokerConfig.from_url(cfg.broker_url, self.device_id),
@@ -78,37 +72,38 @@ class Uplink:
 
     # -- the hot path: in-memory appends only -----------------------------------------------------
 
-    def prediction(self, model: str, label: Any, score: float | None, created: float) -> str:
-        """Queue one prediction record; returns its id (what label feedback refers to)."""
-        self._n += 1
-        pid = f"{self._id_prefix}{self._n}"
+    def prediction(self, model: str, label: Any, score: float | None, created: float, pid: str) -> None:
+        """Queue one prediction record under its id ``pid`` (what label feedback refers to)."""
         m = self._model_json.get(model)
         if m is None:
             m = self._model_json[model] = json.dumps(model)
         y = label if type(label) is int else json.dumps(label)
+        i = json.dumps(pid)
         if score is None or not math.isfinite(score):  # NaN is not JSON: leave the score out
-            body = f'{{"i":"{pid}","m":{m},"y":{y}}}'
+            body = f'{{"i":{i},"m":{m},"y":{y}}}'
         else:
-            body = f'{{"i":"{pid}","m":{m},"y":{y},"p":{score:.6g}}}'
+            body = f'{{"i":{i},"m":{m},"y":{y},"p":{score:.6g}}}'
         self.buffer.append("prediction", body.encode(), created)
-        self._recent[pid] = (model, label)
-        self._recent_order.append(pid)
-        if len(self._recent_order) > self.cfg.recent_predictions:
-            self._recent.pop(self._recent_order.popleft(), None)
-        return pid
 
     def _labels(self, msg: p.LabelFeedback) -> None:
-        """Sync thread: resolve each label to (model, predicted label) and hand it to the tracker."""
+        """Sync thread: hand each label to ``label_sink``, which routes it by prediction id."""
         for item in msg.labels:
-            hit = self._recent.get(item.ref) if isinstance(item.ref, str) else None
-            if hit is None:
+            if self.label_sink is None or not self.label_sink(item.ref, item.label):
                 self.labels_unresolved += 1
-                continue
-            if self.label_sink is not None:
-                self.label_sink(hit[0], hit[1], item.label)
 
     def record(self, kind: str, payload: dict[str, Any], created: float) -> None:
         self.buffer.append(kind, json.dumps(payload, separators=(",", ":")).encode(), created)
+
+    def telemetry(self, metrics: dict[str, Any]) -> None:
+        """Publish a live snapshot (QoS 0, not buffered: the next one replaces a lost one)."""
+        if not self.transport.connected:
+            return
+        metrics = {**metrics, "pending": self.buffer.pending_count()}
+        try:
+            msg = p.Telemetry(self.device_id, self.boot_id, int(time.time() * 1000), metrics)
+            self.transport.publish(msg.topic, msg.to_wire(), qos=msg.QOS, retain=msg.RETAIN)
+        except p.ProtocolError as e:  # e.g. a snapshot over the size cap: log, the durable metrics still go
+            log.warning("telemetry not sent: %s", e)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -394,9 +394,13 @@ def test_merged_summaries_equal_the_summary_of_the_concatenated_stream(digits: d
     assert merged["features"]["hist"] == c["features"]["hist"]
     assert merged["features"]["nan"] == c["features"]["nan"]
     assert merged["predictions"]["counts"] == c["predictions"]["counts"]
-    for key in ("mean", "std"):
-        np.testing.assert_allclose(np.array(merged["features"][key], dtype=float),
-                                   np.array(c["features"][key], dtype=float), rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(np.array(merged["features"]["std"], dtype=float),
+                               np.array(c["features"]["std"], dtype=float), rtol=2e-3, atol=1e-6)
+    # Means are sent to four digits of themselves or of their feature's spread, the coarser.
+    spread = np.array(c["features"]["std"], dtype=float)
+    whole_mean = np.array(c["features"]["mean"], dtype=float)
+    assert (np.abs(np.array(merged["features"]["mean"], dtype=float) - whole_mean)
+            <= 2e-3 * np.maximum(np.abs(whole_mean), spread) + 1e-6).all()
     for key in ("psi", "ks"):
         np.testing.assert_allclose(merged["distances"][key], c["distances"][key], atol=1.5e-3)
     for key in ("psi", "js", "chi2"):
@@ -422,6 +426,29 @@ def test_summary_is_compact(digits: dict[str, np.ndarray], digits_ref: drift.Ref
     one = monitor.take_summary().to_dict()
     assert len(json.dumps(one, separators=(",", ":"))) <= 4096, len(json.dumps(one, separators=(",", ":")))
     assert one["windows"] == 1 and monitor.summary().windows == 0
+
+
+@pytest.mark.parametrize("shift", [0.0, 2.0])
+def test_wire_summary_stays_under_4_kb_up_to_the_window_cap(shift: float) -> None:
+    """The form devices send (no per-feature distances) for 64 continuous features and ten classes,
+    for every number of windows an agent puts in one summary, on undrifted and drifted data; the
+    receiver gets the distances back from the counts and the reference."""
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(20_000, 64))
+    ref = build_reference(x, rng.integers(0, 10, 20_000), calibration=CalibrationSettings(
+        n_simulations=1000, universes=4))
+    monitor = DriftMonitor(ref)
+    for w in range(1, drift.MAX_WIRE_WINDOWS + 1):
+        n = monitor.window
+        monitor.update(rng.normal(shift, 1.0, size=(n, 64)), rng.integers(0, 10, n))
+        assert monitor.period_windows == w
+        wire = monitor.summary().to_dict(distances=False)
+        size = len(json.dumps(wire, separators=(",", ":"), allow_nan=False))
+        assert size <= 4096, (w, size)
+    assert "distances" not in wire and set(wire["max_distances"]) == {"psi", "ks"}
+    full = monitor.summary()
+    back = drift.DriftSummary.from_dict(wire).with_distances(ref)
+    assert back.distances == full.distances
 
 
 def test_summary_from_dict_refuses_inconsistent_counts(tabular: np.ndarray, tabular_ref: drift.Reference) -> None:

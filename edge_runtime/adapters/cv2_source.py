@@ -28,6 +28,7 @@ def resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 class VideoSource:
     preprocessed = False
+    frames = True  # raw BGR frames: the agent runs its frame-health checks on them
 
     def __init__(self, path: str, loop: bool = False) -> None:
         from edge_runtime.sources import EndOfSource
@@ -59,6 +60,7 @@ class CameraSource:
     ``max_failures`` in a row (camera unplugged) the source gives up with a SourceError."""
 
     preprocessed = False
+    frames = True  # raw BGR frames: the agent runs its frame-health checks on them
 
     def __init__(self, device: int | str, max_failures: int = 50) -> None:
         self.name = f"camera:{device}"

@@ -573,6 +573,21 @@ class _PredictionTests:
         return self.categorical(np.asarray(counts, dtype=np.float64), chi2=True)
 
 
+def prediction_distances(reference: Reference, label_counts: dict[Any, int]) -> dict[str, float] | None:
+    """PSI, Jensen-Shannon and chi-square of predicted-class counts (``{label: count}``, as a run
+    accumulates them) against the reference's output distribution; classes the reference never saw
+    pool into "other". None without reference outputs or counts. Descriptive: the calibrated test
+    runs per window inside :class:`DriftMonitor`."""
+    if reference.classes is None or reference.class_counts is None or not label_counts:
+        return None
+    pt = _PredictionTests(reference)
+    labels = np.fromiter((int(k) for k in label_counts), dtype=np.int64, count=len(label_counts))
+    weights = np.fromiter(label_counts.values(), dtype=np.float64, count=len(label_counts))
+    counts = np.bincount(pt.categories(labels), weights=weights, minlength=pt.classes.size + 1)
+    v = pt(counts)
+    return {s: round(float(v[s]), 4) for s in PREDICTION_STATISTICS}
+
+
 # -- calibration -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -1531,12 +1546,18 @@ class DriftMonitor:
             reference=self.reference.fingerprint, model=self.model, start=self._period_start,
             end=self._period_end, n=int(st.total[0]) if st.n_features else 0, windows=self._period_windows,
             hist=tuple(tuple(int(c) for c in st.histogram(j)) for j in range(st.n_features)),
-            nan=tuple(int(c) for c in st.nan_count), mean=_sig(st.mean, 4), std=_sig(st.std, 4), top=_top(peaks),
+            nan=tuple(int(c) for c in st.nan_count), mean=_sig_of_scale(st.mean, st.std, 4), std=_sig(st.std, 4),
+            top=_top(peaks),
             classes=self.reference.classes if self._pred is not None else None,
             class_counts=None if self._pred is None else tuple(int(c) for c in self._period_cls),
             prediction_score=round(self._period_pred_peak, 2), cusum=round(self._period_cusum, 2),
             alarms=tuple(alarms.values())[-MAX_SUMMARY_ALARMS:])
         return summary.with_distances(self.reference)
+
+    @property
+    def period_windows(self) -> int:
+        """Complete windows since the last :meth:`take_summary`."""
+        return self._period_windows
 
     def take_summary(self) -> DriftSummary:
         """:meth:`summary`, then start a new period."""
@@ -1551,12 +1572,30 @@ def _sig(values: Any, digits: int) -> tuple[float | None, ...]:
     return tuple(None if v is None or not math.isfinite(v) else float(f"{v:.{digits}g}") for v in values)
 
 
+def _sig_of_scale(values: Any, scales: Any, digits: int) -> tuple[float | None, ...]:
+    """Means to ``digits`` significant digits of their feature's spread (a mean of 0.00996 with a
+    standard deviation of 1.004 is sent as 0.01): no precision that the spread does not carry."""
+    out: list[float | None] = []
+    for v, sc in zip(values, scales, strict=True):
+        if v is None or not math.isfinite(v):
+            out.append(None)
+        elif sc is None or not math.isfinite(sc) or sc <= 0 or abs(v) < sc:
+            decimals = digits - 1 - math.floor(math.log10(sc)) if sc and math.isfinite(sc) and sc > 0 else None
+            out.append(float(f"{v:.{digits}g}") if decimals is None else round(float(v), decimals) + 0.0)
+        else:
+            out.append(float(f"{v:.{digits}g}"))
+    return tuple(out)
+
+
 def _dec(values: Any, decimals: int) -> tuple[float, ...]:
     return tuple(round(float(v), decimals) + 0.0 for v in values)   # + 0.0: no "-0.0" in the JSON
 
 
 def _top(scores: dict[int, float], n: int = 3) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
+
+
+MAX_WIRE_WINDOWS = 8  # windows per summary sent from a device (bounds the counts' digits, so the size)
 
 
 @dataclass(frozen=True, eq=False)
@@ -1571,9 +1610,10 @@ class DriftSummary:
 
     Summaries of one reference merge (:func:`merge_summaries`, :meth:`merge`) into the summary of the
     combined samples: counts, window scores and peaks exactly, moments up to their rounding, distances
-    recomputed from the merged counts. ``to_dict`` is versioned (:data:`SUMMARY_SCHEMA`) and compact:
-    for 64 features and one 500-sample window, 3.2 KB of compact JSON (digits) to 3.8 KB (64 continuous
-    features, ten bins each); counts grow with the run, to about 4.5 KB for ten windows. It is the
+    recomputed from the merged counts. ``to_dict`` is versioned (:data:`SUMMARY_SCHEMA`) and compact;
+    its wire form (``distances=False``) for 64 continuous features with ten bins each and ten classes
+    is about 3.4 KB for one 500-sample window and stays under 4 KB up to :data:`MAX_WIRE_WINDOWS`
+    windows (counts grow a digit per tenfold); agents send a summary at least that often. It is the
     ``summary`` object of a protocol drift record."""
 
     reference: str
@@ -1627,7 +1667,11 @@ class DriftSummary:
             pdist = {s: round(float(pv[s]), 4) for s in PREDICTION_STATISTICS}
         return replace(self, distances=dist, prediction_distances=pdist, classes=ref.classes)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, distances: bool = True) -> dict[str, Any]:
+        """The versioned dict. ``distances=False`` leaves the per-feature distances out (receivers with
+        the reference recompute them from the counts: :meth:`with_distances`) and keeps only the
+        largest of each, as ``max_distances`` ``{"psi": [feature, value], ...}``: the wire form, which
+        keeps a 64-feature summary of up to :data:`MAX_WIRE_WINDOWS` windows under 4 KB."""
         out: dict[str, Any] = {
             "schema": SUMMARY_SCHEMA, "reference": self.reference, "model": self.model,
             "start": self.start, "end": self.end, "n": self.n, "windows": self.windows,
@@ -1637,7 +1681,10 @@ class DriftSummary:
             "score": self.score, "top": [[j, v] for j, v in self.top],
         }
         if self.distances is not None:
-            out["distances"] = {s: list(v) for s, v in self.distances.items()}
+            if distances:
+                out["distances"] = {s: list(v) for s, v in self.distances.items()}
+            else:
+                out["max_distances"] = {s: [int(np.argmax(v)), max(v)] for s, v in self.distances.items() if v}
         if self.class_counts is not None:
             out["predictions"] = {"classes": None if self.classes is None else list(self.classes),
                                   "counts": list(self.class_counts), "score": self.prediction_score,

@@ -83,6 +83,25 @@ class LatencyHistogram:
         self.total += other.total
         return self
 
+    def minus(self, earlier: LatencyHistogram) -> LatencyHistogram:
+        """A new histogram of what was recorded after ``earlier``, a copy of this one taken before
+        (fixed buckets make this exact for counts and percentiles; min and max stay those of the
+        whole run, clipped to the buckets still holding samples)."""
+        out = LatencyHistogram()
+        counts = [a - b for a, b in zip(self.counts, earlier.counts, strict=True)]
+        if any(c < 0 for c in counts):
+            raise ValueError("minus: the earlier histogram holds samples this one does not")
+        out.counts = counts
+        out.count = self.count - earlier.count
+        out.total = self.total - earlier.total
+        if out.count:
+            nz = [i for i, c in enumerate(counts) if c]
+            lo_first, _ = bucket_bounds(nz[0])
+            lo_last, width_last = bucket_bounds(nz[-1])
+            out.min = max(self.min, lo_first)
+            out.max = min(self.max, lo_last + width_last - 1)
+        return out
+
     def __iadd__(self, other: LatencyHistogram) -> LatencyHistogram:
         return self.merge(other)
 

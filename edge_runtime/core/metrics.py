@@ -1,4 +1,5 @@
-"""Per-pipeline metrics: stage latency histograms, counters by error reason, label frequencies."""
+"""Per-pipeline metrics: stage latency histograms, counters by error reason, label frequencies, and
+output health (low-confidence and null outputs)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class PipelineMetrics:
     batches: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     labels: dict[int, int] = field(default_factory=dict)
+    low_confidence: int = 0  # predictions whose top-1 score is below the pipeline's threshold
+    null_outputs: int = 0    # predictions whose scores are NaN/Inf (or empty): nothing usable came out
 
     def record_batch(self, t0: int, t1: int, t2: int, t3: int, t4: int, n: int) -> None:
         """Stage times of one batch from its five clock readings (ns): read ends at t1, preprocess at
@@ -53,4 +56,33 @@ class PipelineMetrics:
             "errors": {"total": self.error_total, "by_reason": dict(sorted(self.errors.items()))},
             "latency_us": {s: h.summary_us() for s, h in self.stages.items()},
             "labels": {str(k): v for k, v in sorted(self.labels.items())},
+            "outputs": self.output_rates(),
         }
+
+    def output_rates(self) -> dict[str, Any]:
+        n = self.predictions
+        return {"low_confidence": self.low_confidence, "null": self.null_outputs,
+                "low_confidence_rate": round(self.low_confidence / n, 6) if n else 0.0,
+                "null_rate": round(self.null_outputs / n, 6) if n else 0.0}
+
+    def window(self, previous: dict[str, Any] | None, elapsed_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The metric snapshot sent every interval, and the state the next call needs as ``previous``.
+
+        Counters (inputs, predictions, errors, labels, low-confidence, null) are cumulative since the
+        agent started; throughput and the latency percentiles are over the interval since ``previous``
+        (the first interval: since the start)."""
+        hist = LatencyHistogram().merge(self.stages["latency"])
+        hist.count = sum(hist.counts)  # the pipeline thread may record while this copy is taken
+        window_hist = hist
+        predictions0 = 0
+        if previous is not None:
+            window_hist = hist.minus(previous["hist"])
+            predictions0 = previous["predictions"]
+        n = self.predictions
+        snap = {"window_s": round(elapsed_s, 3), "inputs": self.inputs, "predictions": n,
+                "throughput_per_s": round((n - predictions0) / elapsed_s, 3) if elapsed_s > 0 else 0.0,
+                "latency_us": window_hist.summary_us(), "errors": dict(sorted(self.errors.items())),
+                "low_confidence": self.low_confidence, "null_outputs": self.null_outputs,
+                "low_confidence_rate": round(self.low_confidence / n, 6) if n else 0.0,
+                "labels": {str(k): v for k, v in sorted(self.labels.items())}}
+        return snap, {"hist": hist, "predictions": n}

@@ -1015,6 +1015,7 @@ class DriftSummary:
     start_ms: int
     end_ms: int
     summary: dict[str, Any]
+    concept: dict[str, Any] | None = None  # the label tracker's state (accuracy on delayed labels), if any
 
     def __post_init__(self) -> None:
         _text(self.model, "model")
@@ -1022,16 +1023,21 @@ class DriftSummary:
         _int(self.start_ms, "start_ms")
         _int(self.end_ms, "end_ms", lo=self.start_ms)
         _obj(self.summary, "summary")
+        if self.concept is not None:
+            _obj(self.concept, "concept")
 
     def to_payload(self) -> dict[str, Any]:
-        return {"model": self.model, "model_version": self.model_version, "start_ms": self.start_ms,
-                "end_ms": self.end_ms, "summary": self.summary}
+        out = {"model": self.model, "model_version": self.model_version, "start_ms": self.start_ms,
+               "end_ms": self.end_ms, "summary": self.summary}
+        if self.concept is not None:
+            out["concept"] = self.concept
+        return out
 
     @classmethod
     def from_payload(cls, payload: object) -> DriftSummary:
         o = _as_object(payload, "payload")
         return cls(_get(o, "model"), _get(o, "model_version"), _get(o, "start_ms"), _get(o, "end_ms"),
-                   _get(o, "summary"))
+                   _get(o, "summary"), o.get("concept"))
 
     def to_record(self, seq: int, created_ms: int) -> Record:
         return Record(seq, DRIFT, created_ms, self.to_payload())
