@@ -44,10 +44,30 @@ mosquitto:
 	fi
 .PHONY: mosquitto
 
+# PostgreSQL (Debian's package): the store tests run their own throwaway server (initdb into a temp
+# folder, a free loopback port); without it they skip the PostgreSQL half. The system service is not
+# wanted: a policy-rc.d that refuses service starts is in place during the install (unless the machine
+# has one already), and the unit is not enabled for the next boot.
+postgresql:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's postgresql (tests start their own server; the system service stays off)"; \
+		policy=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && policy=1; fi; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+		rc=$$?; [ -z "$$policy" ] || rm -f /usr/sbin/policy-rc.d; \
+		if [ -d /run/systemd/system ]; then systemctl disable --quiet postgresql 2>/dev/null || :; fi; \
+		exit $$rc; \
+	else \
+		echo "postgresql is missing: run 'sudo apt-get install postgresql' (else the PostgreSQL store tests skip)"; \
+	fi
+.PHONY: postgresql
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
-test: $(VENV)/.installed-dev mosquitto lint
+test: $(VENV)/.installed-dev mosquitto postgresql lint
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-dev

@@ -120,3 +120,137 @@ class Mosquitto:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------------
+
+POSTGRES_MISSING = "postgresql not installed (apt-get install postgresql)"
+
+
+def postgres_bin_dir() -> Path | None:
+    """The folder of initdb/postgres/pg_isready/psql: $PG_BINDIR, Debian's newest
+    /usr/lib/postgresql/<major>/bin, or the one holding initdb on PATH; None when not installed."""
+    import os
+
+    candidates: list[Path] = []
+    if os.environ.get("PG_BINDIR"):
+        candidates.append(Path(os.environ["PG_BINDIR"]))
+    debian = Path("/usr/lib/postgresql")
+    if debian.is_dir():
+        majors = [d for d in debian.iterdir() if d.name.isdigit()]
+        candidates += [d / "bin" for d in sorted(majors, key=lambda d: int(d.name), reverse=True)]
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    for c in candidates:
+        if all((c / name).is_file() for name in ("initdb", "postgres", "pg_isready", "psql")):
+            return c
+    return None
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster: ``initdb`` into a fresh temp folder, ``postgres`` on a free
+    loopback port (trust authentication, superuser ``postgres``), everything deleted by :meth:`stop`.
+
+    PostgreSQL refuses to run as root: as root, the cluster folder belongs to the ``postgres`` user
+    that Debian's package creates and both programs run as that user. Durability is off (fsync,
+    synchronous_commit, full_page_writes): a test server that loses everything on a crash anyway starts
+    and writes faster. The system's own PostgreSQL service is neither needed nor touched.
+    """
+
+    def __init__(self, bin_dir: Path | None = None, user: str = "postgres") -> None:
+        import os
+
+        found = bin_dir or postgres_bin_dir()
+        if found is None:
+            raise RuntimeError(POSTGRES_MISSING)
+        self.bin_dir = found
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.superuser = "postgres"
+        self.run_as = user if os.geteuid() == 0 else None
+        self.base: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    def _popen_user(self) -> dict[str, Any]:
+        return {"user": self.run_as, "group": self.run_as, "extra_groups": []} if self.run_as else {}
+
+    def start(self, timeout: float = 20.0) -> Postgres:
+        import os
+        import pwd
+        import tempfile
+
+        self.base = Path(tempfile.mkdtemp(prefix="edge-pg-"))
+        if self.run_as:
+            try:
+                pw = pwd.getpwnam(self.run_as)
+            except KeyError:
+                self.stop()
+                raise RuntimeError(f"running as root and there is no {self.run_as!r} user to run PostgreSQL as "
+                                   "(Debian's postgresql package creates it)") from None
+            os.chown(self.base, pw.pw_uid, pw.pw_gid)
+        data = self.base / "data"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
+        init = subprocess.run([str(self.bin_dir / "initdb"), "-D", str(data), "-U", self.superuser, "-A", "trust",
+                               "-E", "UTF8", "--no-locale", "--no-sync"], cwd=self.base, env=env,
+                              capture_output=True, text=True, check=False, timeout=120, **self._popen_user())
+        if init.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"initdb failed (exit {init.returncode}): {(init.stderr or init.stdout)[-1000:]}")
+        self.log_path = self.base / "postgres.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [str(self.bin_dir / "postgres"), "-D", str(data), "-k", str(self.base), "-p", str(self.port),
+             "-c", f"listen_addresses={self.host}", "-c", "fsync=off", "-c", "synchronous_commit=off",
+             "-c", "full_page_writes=off", "-c", "max_connections=50"],
+            cwd=self.base, env=env, stdout=self._log, stderr=subprocess.STDOUT, **self._popen_user())
+        deadline = time.monotonic() + timeout
+        while subprocess.run([str(self.bin_dir / "pg_isready"), "-q", "-h", self.host, "-p", str(self.port)],
+                             check=False, timeout=10).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = self.log_path.read_text(errors="replace")[-1000:]
+                self.stop()
+                raise RuntimeError(f"postgres did not start on port {self.port}: {log}")
+            time.sleep(0.05)
+        return self
+
+    def psql(self, sql: str, dbname: str = "postgres") -> str:
+        out = subprocess.run([str(self.bin_dir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                              "-h", self.host, "-p", str(self.port), "-U", self.superuser, "-d", dbname, "-c", sql],
+                             capture_output=True, text=True, check=False, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"psql {sql!r} failed: {out.stderr.strip()}")
+        return out.stdout
+
+    def create_database(self, name: str) -> str:
+        """A new empty database; its URL."""
+        self.psql(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{self.superuser}@{self.host}:{self.port}/{dbname}"
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)  # "fast" shutdown: clients still connected are cut off
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.base is not None:
+            shutil.rmtree(self.base, ignore_errors=True)
+            self.base = None
+
+    def __enter__(self) -> Postgres:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

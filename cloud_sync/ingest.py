@@ -8,6 +8,7 @@ delete what was committed. A bad message is counted by reason and dropped; nothi
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +30,13 @@ class IngestStats:
 
 
 class Ingest:
-    def __init__(self, store: Any, max_bytes: int = p.DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, store: Any, max_bytes: int = p.DEFAULT_MAX_BYTES, *,
+                 observe: Callable[[Any, int], None] | None = None) -> None:
         self.store = store
         self.max_bytes = max_bytes
         self.stats = IngestStats()
+        # Sees every valid message after its commit (the fleet view); its failure never blocks an ack.
+        self.observe = observe
 
     def handle(self, topic: str, payload: bytes, now_ms: int) -> list[tuple[str, bytes, int, bool]]:
         """Replies as (topic, payload, qos, retain)."""
@@ -52,6 +56,17 @@ class Ingest:
                 except p.ProtocolError:
                     return []
             return []
+        replies = self._apply(msg, now_ms)
+        if self.observe is not None and replies is not None:
+            try:
+                self.observe(msg, now_ms)
+            except Exception:
+                self.stats.reject("observer_failed")
+                log.exception("the fleet view failed on a message on %s", topic)
+        return replies or []
+
+    def _apply(self, msg: Any, now_ms: int) -> list[tuple[str, bytes, int, bool]] | None:
+        """Commit one valid message; its replies, or None for a message of an unexpected direction."""
         if isinstance(msg, p.RecordBatch):
             new, dup = self.store.insert_records(msg.device_id, msg.boot_id, msg.records, now_ms)
             self.stats.batches += 1
@@ -66,6 +81,6 @@ class Ingest:
                                                  for m in msg.models]})
             return []
         if isinstance(msg, p.Telemetry):
-            return []  # the live view; the dashboard (cloud issue) keeps the latest per device
+            return []  # the live view only (the fleet state keeps the latest per device)
         self.stats.reject("unexpected_direction")
-        return []
+        return None

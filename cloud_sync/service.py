@@ -13,8 +13,9 @@ import threading
 import time
 from typing import Any
 
-from cloud_sync.ingest import Ingest
-from cloud_sync.store import Store
+from cloud_sync.hub import Hub
+from cloud_sync.rules import RuleSet
+from cloud_sync.store import open_store
 from edge_runtime.adapters.mqtt_transport import BrokerConfig, MqttTransport
 from edge_runtime.core import protocol as p
 
@@ -22,16 +23,18 @@ log = logging.getLogger(__name__)
 
 
 class IngestService:
-    def __init__(self, broker_url: str, db_path: str, *, client_id: str = "cloud-sync", group: str = "ingest",
-                 queue_size: int = 10000, username: str | None = None, password: str | None = None) -> None:
-        self.store = Store(db_path)
-        self.ingest = Ingest(self.store)
-        self.queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=queue_size)
-        self.dropped_full = 0
+    def __init__(self, broker_url: str, db: str, *, client_id: str = "cloud-sync", group: str = "ingest",
+                 queue_size: int = 10000, username: str | None = None, password: str | None = None,
+                 rules: RuleSet | None = None, **hub_options: Any) -> None:
+        self.store = open_store(db)
         cfg = BrokerConfig.from_url(broker_url, client_id)
         if username:
             cfg = BrokerConfig(**{**cfg.__dict__, "username": username, "password": password})
         self.transport = MqttTransport(cfg, on_message=self._enqueue)
+        self.hub = Hub(self.store, rules=rules, publish=self._publish, **hub_options)
+        self.ingest = self.hub.ingest
+        self.queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=queue_size)
+        self.dropped_full = 0
         records = (p.shared_subscription(group, p.RecordBatch.KIND) if cfg.protocol == 5
                    else p.fleet_subscription(p.RecordBatch.KIND))
         self.transport.subscribe(records, qos=1)
@@ -39,6 +42,9 @@ class IngestService:
         self.transport.subscribe(p.fleet_subscription(p.Telemetry.KIND), qos=0)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="ingest", daemon=True)
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        self.transport.publish(topic, payload, qos=qos, retain=retain)
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
         try:
@@ -48,13 +54,20 @@ class IngestService:
             self.dropped_full += 1
 
     def _work(self) -> None:
+        next_tick = time.monotonic() + 1.0
         while not self._stop.is_set():
+            if time.monotonic() >= next_tick:  # rules about silence (offline devices) need a clock
+                next_tick = time.monotonic() + 1.0
+                try:
+                    self.hub.tick()
+                except Exception:
+                    log.exception("alert evaluation failed")
             try:
                 topic, payload = self.queue.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
-                replies = self.ingest.handle(topic, payload, int(time.time() * 1000))
+                replies = self.hub.handle(topic, payload, int(time.time() * 1000))
             except Exception:  # a store failure: no ack, the device resends
                 log.exception("ingest failed for a message on %s", topic)
                 continue

@@ -70,3 +70,50 @@ def broker_factory(tmp_path: Path):
     finally:
         for b in made:
             b.stop()
+
+
+# -- stores: SQLite always, PostgreSQL where it can be started --------------------------------------
+
+from _shared import POSTGRES_MISSING, Postgres, postgres_bin_dir  # noqa: E402 - shared with the benchmarks
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL for the whole session (initdb + start: about a second); skips the
+    test when the server or psycopg is not installed."""
+    if postgres_bin_dir() is None:
+        pytest.skip(POSTGRES_MISSING)
+    pytest.importorskip("psycopg", reason="psycopg not installed (pip install 'edge-runtime[postgres]')")
+    server = Postgres().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the session's server, for this test alone."""
+    import uuid
+
+    return postgres_server.create_database(f"t_{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a new, empty store goes: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store.db")
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def any_store(any_store_url: str):
+    """An open store on each engine (see ``any_store_url``); closed after the test."""
+    from cloud_sync.store import open_store
+
+    store = open_store(any_store_url)
+    try:
+        yield store
+    finally:
+        store.close()

@@ -142,7 +142,8 @@ def test_embedded_broker_demo_path(models_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     db = tmp_path / "cloud.db"
     cloud = subprocess.Popen([sys.executable, "-m", "cloud_sync.cli", "serve", "--embedded-broker", "--port", str(port),
-                              "--db", str(db), "--stats-interval", "0"], stderr=subprocess.PIPE, text=True)
+                              "--db", str(db), "--stats-interval", "0", "--http", f"127.0.0.1:{free_port()}"],
+                             stderr=subprocess.PIPE, text=True)
     try:
         assert cloud.stderr is not None
         deadline = time.monotonic() + 30

@@ -1,0 +1,335 @@
+"""The cloud's state in one place: ingest into the store, the fleet view, alerts, the review queue and
+retraining requests. The MQTT service feeds it; the dashboard and the CLI read it.
+
+``Hub.handle`` takes one MQTT message (what the broker delivered), commits it (:class:`Ingest`), updates
+the fleet view and, at most once per ``evaluate_every_ms``, evaluates the alert rules; every alert
+transition is persisted and sent to the rule's sinks (log, an MQTT topic, a webhook). A rule marked
+``retrain`` that fires records a retraining request and runs the configured command (or publishes the
+request on a topic). Low-confidence predictions enter the review queue (size-capped per device and
+hour, and only the prediction record, never raw inputs); a person's verdict goes back to the device as
+label feedback and into the fleet's accuracy.
+
+One re-entrant lock guards it all: the ingest worker and the web server's threads share it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shlex
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cloud_sync.fleet import FleetState
+from cloud_sync.ingest import Ingest
+from cloud_sync.rules import ALERTS_SCHEMA, AlertError, AlertManager, AlertTransition, RuleSet, load_rules
+from cloud_sync.store import open_store
+from edge_runtime.core import protocol as p
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes, int, bool], Any]
+
+REVIEW_STATES = ("pending", "confirmed", "corrected")
+
+
+class Hub:
+    def __init__(self, store: Any, *, rules: RuleSet | None = None, publish: Publish | None = None,
+                 clock: Callable[[], float] = time.time, evaluate_every_ms: int = 1000,
+                 review_below: float | None = 0.5, review_per_device_hour: int = 20,
+                 retrain_command: str | None = None, retrain_topic: str | None = None,
+                 retrain_dir: str | Path | None = None) -> None:
+        self.store = store
+        self.rules = rules
+        self.publish = publish
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.fleet = FleetState(low_confidence=review_below if review_below is not None else 0.5)
+        self.ingest = Ingest(store, observe=self._observe)
+        self.alerts = self._restore_alerts(rules) if rules is not None else None
+        self.evaluate_every_ms = evaluate_every_ms
+        self._next_eval = 0
+        self.review_below = review_below
+        self.review_per_device_hour = review_per_device_hour
+        self._review_quota: dict[tuple[str, int], int] = {}
+        self.retrain_command = retrain_command
+        self.retrain_topic = retrain_topic
+        self.retrain_dir = Path(retrain_dir) if retrain_dir else Path(tempfile.gettempdir()) / "cloud-sync-retrain"
+        self.counters = {"alert_transitions": 0, "sink_failures": 0, "reviews_added": 0, "retrain_requests": 0}
+        self._webhooks: queue.Queue[tuple[str, float, bytes]] = queue.Queue(maxsize=1000)
+        self._webhook_thread: threading.Thread | None = None
+
+    @classmethod
+    def for_tests(cls, db_path: str | Path, rules_text: str | None = None, **kw: Any) -> Hub:
+        """A hub on a real SQLite store, without MQTT (publishes are dropped unless ``publish`` is given)."""
+        return cls(open_store(db_path), rules=load_rules(rules_text) if rules_text else None, **kw)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # -- ingest ----------------------------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes, now_ms: int | None = None) -> list[tuple[str, bytes, int, bool]]:
+        now = self.now_ms() if now_ms is None else now_ms
+        with self.lock:
+            replies = self.ingest.handle(topic, payload, now)
+            if now >= self._next_eval:
+                self.evaluate(now)
+        return replies
+
+    def _observe(self, msg: Any, now_ms: int) -> None:
+        f = self.fleet
+        if isinstance(msg, p.RecordBatch):
+            f.observe_batch(msg, now_ms)
+            if self.review_below is not None:
+                self._queue_reviews(msg, now_ms)
+        elif isinstance(msg, p.Status):
+            f.observe_status(msg, now_ms)
+        elif isinstance(msg, p.Telemetry):
+            f.observe_telemetry(msg, now_ms)
+
+    def tick(self, now_ms: int | None = None) -> list[AlertTransition]:
+        """Evaluate rules without a message (devices that went silent); the service calls it every second."""
+        with self.lock:
+            return self.evaluate(self.now_ms() if now_ms is None else now_ms)
+
+    # -- alerts ----------------------------------------------------------------------------------------
+
+    def _restore_alerts(self, rules: RuleSet) -> AlertManager:
+        """Alerts as the store last saw them, so a restart neither forgets nor re-fires them."""
+        rows = self.store.alerts(["firing", "acknowledged"]) + self.store.alerts("resolved", limit=500)[::-1]
+        live = [r["payload"] for r in rows if r["state"] != "resolved" and isinstance(r["payload"], dict)]
+        done = [r["payload"] for r in rows if r["state"] == "resolved" and isinstance(r["payload"], dict)]
+        try:
+            return AlertManager.from_dict({"schema": ALERTS_SCHEMA, "live": live, "resolved": done}, rules)
+        except AlertError as e:
+            log.error("stored alert state not usable (%s); starting with no alerts", e)
+            return AlertManager(rules)
+
+    def evaluate(self, now_ms: int) -> list[AlertTransition]:
+        if self.alerts is None:
+            return []
+        self._next_eval = now_ms + self.evaluate_every_ms
+        transitions = self.alerts.evaluate(self.fleet, now_ms)
+        for t in transitions:
+            self._after_transition(t, now_ms)
+        return transitions
+
+    def _after_transition(self, t: AlertTransition, now_ms: int) -> None:
+        self.counters["alert_transitions"] += 1
+        alert = self.alerts.get(t.alert_id) if self.alerts is not None else None
+        if alert is not None:
+            self.store.upsert_alert(t.alert_id, rule=t.rule, subject=t.subject, state=t.after, severity=t.severity,
+                                    payload=alert, updated_ms=now_ms)
+        self._send(t)
+        if t.retrain and t.after == "firing" and t.before is None:
+            self._retrain(t, now_ms)
+
+    def _send(self, t: AlertTransition) -> None:
+        body = json.dumps(t.to_dict(), separators=(",", ":")).encode()
+        sinks = self.rules.sinks if self.rules is not None else {}
+        for name in t.sinks:
+            sink = sinks.get(name)
+            kind = sink.type if sink is not None else "log"
+            try:
+                if kind == "log":
+                    level = logging.WARNING if t.after == "firing" else logging.INFO
+                    log.log(level, "alert %s %s -> %s: %s", t.alert_id, t.before or "-", t.after, t.message)
+                elif kind == "mqtt" and sink is not None and sink.topic:
+                    if self.publish is not None:
+                        self.publish(sink.topic, body, 1, False)
+                elif kind == "webhook" and sink is not None and sink.url:
+                    self._webhook(sink.url, sink.timeout_s or 5.0, body)
+            except Exception as e:  # a sink's failure never stops ingest
+                self.counters["sink_failures"] += 1
+                log.warning("alert sink %s failed: %s", name, e)
+
+    def _webhook(self, url: str, timeout_s: float, body: bytes) -> None:
+        """Queue a POST; one background thread sends them, so a slow endpoint never blocks ingest."""
+        if self._webhook_thread is None:
+            self._webhook_thread = threading.Thread(target=self._post_loop, name="webhooks", daemon=True)
+            self._webhook_thread.start()
+        try:
+            self._webhooks.put_nowait((url, timeout_s, body))
+        except queue.Full:
+            self.counters["sink_failures"] += 1
+
+    def _post_loop(self) -> None:
+        while True:
+            url, timeout_s, body = self._webhooks.get()
+            req = urllib.request.Request(url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                    resp.read(1024)
+            except Exception as e:
+                with self.lock:
+                    self.counters["sink_failures"] += 1
+                log.warning("webhook %s failed: %s", url, e)
+
+    def alert_list(self, state: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return self.alerts.alerts(state) if self.alerts is not None else []
+
+    def ack_alert(self, alert_id: str, by: str) -> dict[str, Any]:
+        """Acknowledge a firing alert: KeyError for an unknown id, ValueError when it is not firing."""
+        with self.lock:
+            if self.alerts is None or self.alerts.get(alert_id) is None:
+                raise KeyError(alert_id)
+            now = self.now_ms()
+            try:
+                t = self.alerts.ack(alert_id, by, now)
+            except AlertError as e:
+                raise ValueError(str(e)) from e
+            self._after_transition(t, now)
+            return self.alerts.get(alert_id) or {}
+
+    # -- retraining ------------------------------------------------------------------------------------
+
+    def _retrain(self, t: AlertTransition, now_ms: int) -> None:
+        rule = self.rules.rule(t.rule) if self.rules is not None else None
+        model = t.subject.split("@", 1)[0] if "@" in t.subject else (rule.model if rule and rule.model else "*")
+        window_ms = 24 * 3600 * 1000
+        request = {"id": f"rt-{t.alert_id}", "model": model, "reason": t.message, "alert": t.to_dict(),
+                   "data_window": {"since_ms": now_ms - window_ms, "until_ms": now_ms},
+                   "metrics": {"value": t.value, "threshold": t.threshold, "subject": t.subject},
+                   "created_ms": now_ms}
+        if not self.store.add_retrain_request(request["id"], model=model, reason=t.message, payload=request,
+                                              created_ms=now_ms):
+            return
+        self.counters["retrain_requests"] += 1
+        log.warning("retraining requested for %s: %s", model, t.message)
+        if self.retrain_topic and self.publish is not None:
+            self.publish(self.retrain_topic, json.dumps(request, separators=(",", ":")).encode(), 1, False)
+            self.store.update_retrain_request(request["id"], state="published", updated_ms=now_ms)
+        if self.retrain_command:
+            threading.Thread(target=self._run_retrain, args=(request,), name="retrain", daemon=True).start()
+
+    def _run_retrain(self, request: dict[str, Any]) -> None:
+        """Run the configured command with the request as a JSON file (its path is the last argument and
+        ``$RETRAIN_REQUEST``); record the outcome. A hung command is stopped after an hour."""
+        self.retrain_dir.mkdir(parents=True, exist_ok=True)
+        req_file = self.retrain_dir / f"{request['id']}.json"
+        req_file.write_text(json.dumps(request, indent=2), encoding="utf-8")
+        argv = [*shlex.split(self.retrain_command or ""), str(req_file)]
+        start = time.monotonic()
+        self.store.update_retrain_request(request["id"], state="running", updated_ms=self.now_ms())
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False,
+                                  env={**os.environ, "RETRAIN_REQUEST": str(req_file)})
+            outcome = {"exit_code": proc.returncode, "seconds": round(time.monotonic() - start, 1),
+                       "stdout_tail": proc.stdout[-2000:], "stderr_tail": proc.stderr[-2000:]}
+            state = "succeeded" if proc.returncode == 0 else "failed"
+        except (OSError, subprocess.TimeoutExpired) as e:
+            outcome, state = {"error": str(e)}, "failed"
+        self.store.update_retrain_request(request["id"], state=state, updated_ms=self.now_ms(), outcome=outcome)
+        log.log(logging.INFO if state == "succeeded" else logging.ERROR, "retraining %s %s: %s", request["id"], state,
+                outcome)
+
+    def retrain_requests(self, state: str | None = None) -> list[dict[str, Any]]:
+        return self.store.retrain_requests(state)
+
+    # -- review queue ----------------------------------------------------------------------------------
+
+    def _queue_reviews(self, batch: p.RecordBatch, now_ms: int) -> None:
+        hour = now_ms // 3_600_000
+        for r in batch.records:
+            if r.kind != p.PREDICTION:
+                continue
+            score = r.payload.get("p")
+            pid = r.payload.get("i")
+            if not isinstance(score, int | float) or score >= (self.review_below or 0) or not isinstance(pid, str):
+                continue
+            key = (batch.device_id, hour)
+            if self._review_quota.get(key, 0) >= self.review_per_device_hour:
+                continue
+            model = r.payload.get("m") if isinstance(r.payload.get("m"), str) else "?"
+            item = {"prediction_id": pid, "label": r.payload.get("y"), "score": score, "model": model,
+                    "boot_id": batch.boot_id, "seq": r.seq, "created_ms": r.created_ms, "reason": "low_confidence"}
+            if self.store.add_review(f"{batch.device_id}:{pid}", device_id=batch.device_id, model=model, payload=item,
+                                     created_ms=now_ms):
+                self._review_quota[key] = self._review_quota.get(key, 0) + 1
+                self.counters["reviews_added"] += 1
+        if len(self._review_quota) > 10_000:  # old hours
+            self._review_quota = {k: v for k, v in self._review_quota.items() if k[1] >= hour}
+
+    def review_items(self, state: str = "pending", limit: int = 100) -> list[dict[str, Any]]:
+        if state not in REVIEW_STATES:
+            raise ValueError(f"state must be one of {REVIEW_STATES}, got {state!r}")
+        return self.store.reviews(state, limit=limit)
+
+    def review_resolve(self, item_id: str, label: Any, by: str) -> dict[str, Any]:
+        """A person's verdict: ``label`` equal to the predicted one confirms it, else corrects it. The true
+        label goes to the device (``cmd/labels``, concept drift there) and into the fleet's accuracy."""
+        if not isinstance(by, str) or not by.strip():
+            raise ValueError("'by' must name the reviewer")
+        if not isinstance(label, int | str) or isinstance(label, bool):
+            raise ValueError(f"label must be an integer or a string, got {type(label).__name__}")  # noqa: TRY004 - a 400
+        with self.lock:
+            item = self.store.review(item_id)
+            if item is None:
+                raise KeyError(item_id)
+            if item["state"] != "pending":
+                raise ValueError(f"review {item_id} is already {item['state']}")
+            pred = item["payload"]
+            correct = str(label) == str(pred.get("label"))
+            now = self.now_ms()
+            self.store.resolve_review(item_id, state="confirmed" if correct else "corrected", label=label,
+                                      reviewed_by=by, reviewed_ms=now)
+            version = self._version_of(item["device_id"], item["model"])
+            self.fleet.observe_label(item["device_id"], item["model"], version, correct, now)
+            if self.publish is not None:
+                fb = p.LabelFeedback(item["device_id"], f"rv-{now}", (p.Label(pred["prediction_id"], label),))
+                self.publish(fb.topic, fb.to_wire(), fb.QOS, fb.RETAIN)
+            return self.store.review(item_id) or {}
+
+    def _version_of(self, device_id: str, model: str) -> str:
+        dev = self.fleet.device(device_id, self.now_ms()) or {}
+        for m in dev.get("models", []):
+            if m.get("name") == model and m.get("version"):
+                return str(m["version"])
+        return "unknown"
+
+    # -- views -------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            snap = self.fleet.snapshot(self.now_ms())
+            alerts = self.alerts.alerts() if self.alerts is not None else []
+            snap["alerts"] = {s: sum(1 for a in alerts if a["state"] == s)
+                              for s in ("firing", "acknowledged", "resolved")}
+            s = self.ingest.stats
+            snap["ingest"] = {"messages": s.messages, "batches": s.batches, "records_new": s.records_new,
+                              "records_duplicate": s.records_duplicate, "rejected": dict(s.rejected),
+                              **self.counters}
+            return snap
+
+    def devices(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return self.fleet.devices(self.now_ms())
+
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        with self.lock:
+            return self.fleet.device(device_id, self.now_ms())
+
+    def models(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return self.fleet.models(self.now_ms())
+
+    def drift(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return self.fleet.drift(self.now_ms())
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        return []
+
+    def close(self) -> None:
+        self.store.close()
