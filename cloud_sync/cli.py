@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run CMD REQUEST.json when a rule marked retrain fires (the request's path is also "
                         "in $RETRAIN_REQUEST); its exit status and output are recorded")
     s.add_argument("--retrain-topic", metavar="TOPIC", help="publish retraining requests on this MQTT topic")
+    s.add_argument("--bundle", action="append", default=[], metavar="DIR",
+                   help="a model bundle the fleet runs (repeatable): its reference profile gives fleet drift "
+                        "distances and its build accuracy the baseline of accuracy-drop rules")
+    s.add_argument("--keep-predictions-days", type=float, default=30.0, metavar="D",
+                   help="delete prediction records older than D days (default 30; 0: keep all)")
+    s.add_argument("--keep-history-days", type=float, default=365.0, metavar="D",
+                   help="delete metric, drift and event history older than D days (default 365; 0: keep all)")
     s.add_argument("--client-id", default="cloud-sync", metavar="ID")
     s.add_argument("--group", default="ingest", help="MQTT 5 shared-subscription group (default ingest)")
     s.add_argument("--stats-interval", type=float, default=30.0, metavar="S",
@@ -280,7 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host = "127.0.0.1" if args.listen in ("0.0.0.0", "") else args.listen
         url = f"mqtt311://{host}:{args.port}"
         log.info("embedded broker listening on %s:%d (MQTT 3.1.1)", args.listen, args.port)
-    from edge_runtime.errors import MissingExtraError
+    from edge_runtime.errors import EdgeRuntimeError, MissingExtraError
 
     rules = None
     if args.rules:
@@ -290,7 +297,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("alert rules: %d from %s", len(rules), args.rules)
     svc = IngestService(url, args.db, client_id=args.client_id, group=args.group, rules=rules,
                         review_below=args.review_below, review_per_device_hour=args.review_per_device_hour,
-                        retrain_command=args.retrain_command, retrain_topic=args.retrain_topic)
+                        retrain_command=args.retrain_command, retrain_topic=args.retrain_topic,
+                        keep_predictions_s=args.keep_predictions_days * 86400 or None,
+                        keep_history_s=args.keep_history_days * 86400 or None)
+    for b in args.bundle:
+        try:
+            name, version = svc.hub.register_bundle(b)
+        except ValueError as e:
+            raise EdgeRuntimeError(str(e)) from e
+        log.info("model %s version %s from %s", name, version, b)
     web = None
     if args.http != "off":
         host, _, port = args.http.rpartition(":")

@@ -46,7 +46,7 @@ class Hub:
                  clock: Callable[[], float] = time.time, evaluate_every_ms: int = 1000,
                  review_below: float | None = 0.5, review_per_device_hour: int = 20,
                  retrain_command: str | None = None, retrain_topic: str | None = None,
-                 retrain_dir: str | Path | None = None) -> None:
+                 retrain_dir: str | Path | None = None, replay_s: float = 3600.0) -> None:
         self.store = store
         self.rules = rules
         self.publish = publish
@@ -66,6 +66,53 @@ class Hub:
         self.counters = {"alert_transitions": 0, "sink_failures": 0, "reviews_added": 0, "retrain_requests": 0}
         self._webhooks: queue.Queue[tuple[str, float, bytes]] = queue.Queue(maxsize=1000)
         self._webhook_thread: threading.Thread | None = None
+        if replay_s > 0:
+            self.replay(self.now_ms() - int(replay_s * 1000))
+
+    def replay(self, since_ms: int) -> dict[str, int]:
+        """Rebuild the fleet view after a restart: every device's last status, then the metric, drift and
+        event records created since ``since_ms``, from the store (alerts come back from their table)."""
+        now = self.now_ms()
+        n = {"devices": 0, "records": 0}
+        with self.lock:
+            for device_id, d in self.store.devices().items():
+                st = d.get("status") or {}
+                try:
+                    msg = p.Status(device_id, bool(d["online"]), d.get("boot_id") or "unknown",
+                                   int(st.get("time_ms") or 0), str(st.get("agent_version") or "?"),
+                                   tuple(p.ModelStatus(str(m["name"]), str(m["version"]), str(m["state"]))
+                                         for m in st.get("models", [])))
+                except (p.ProtocolError, KeyError, TypeError, ValueError) as e:
+                    log.warning("replay: stored status of %s not usable: %s", device_id, e)
+                    continue
+                self.fleet.observe_status(msg, int(d["last_seen_ms"]))
+                n["devices"] += 1
+            for row in self.store.export(since_ms, kinds=(p.METRIC, p.DRIFT, p.EVENT)):
+                rec = p.Record(row["seq"], row["kind"], row["created_ms"], row["payload"])
+                self.fleet.observe_records(row["device_id"], (rec,), now, boot_id=row["boot_id"])
+                n["records"] += 1
+        if n["devices"] or n["records"]:
+            log.info("fleet view rebuilt from the store: %d devices, %d records since %d", n["devices"],
+                     n["records"], since_ms)
+        return n
+
+    def register_bundle(self, bundle_dir: str | Path) -> tuple[str, str]:
+        """Tell the fleet view about a model version from its bundle: the reference profile (fleet drift
+        distances) and the accuracy measured at build (the baseline of accuracy-drop rules)."""
+        d = Path(bundle_dir)
+        try:
+            manifest = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
+            name, version = str(manifest["name"]), str(manifest["version"])
+            ref_file = d / "reference_profile.json"
+            reference = json.loads(ref_file.read_text(encoding="utf-8")) if ref_file.is_file() else None
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{d}: not a readable model bundle ({e})") from e
+        metrics = manifest.get("metrics") or {}
+        acc = (metrics.get("test") or metrics.get("reference") or {}).get("accuracy")
+        with self.lock:
+            self.fleet.register_model(name, version, reference=reference,
+                                      reference_accuracy=float(acc) if acc is not None else None)
+        return name, version
 
     @classmethod
     def for_tests(cls, db_path: str | Path, rules_text: str | None = None, **kw: Any) -> Hub:

@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 class IngestService:
     def __init__(self, broker_url: str, db: str, *, client_id: str = "cloud-sync", group: str = "ingest",
                  queue_size: int = 10000, username: str | None = None, password: str | None = None,
-                 rules: RuleSet | None = None, **hub_options: Any) -> None:
+                 rules: RuleSet | None = None, keep_predictions_s: float | None = None,
+                 keep_history_s: float | None = None, **hub_options: Any) -> None:
         self.store = open_store(db)
+        self.keep_predictions_s = keep_predictions_s
+        self.keep_history_s = keep_history_s
         cfg = BrokerConfig.from_url(broker_url, client_id)
         if username:
             cfg = BrokerConfig(**{**cfg.__dict__, "username": username, "password": password})
@@ -55,6 +58,7 @@ class IngestService:
 
     def _work(self) -> None:
         next_tick = time.monotonic() + 1.0
+        next_prune = time.monotonic() + 60.0
         while not self._stop.is_set():
             if time.monotonic() >= next_tick:  # rules about silence (offline devices) need a clock
                 next_tick = time.monotonic() + 1.0
@@ -62,6 +66,9 @@ class IngestService:
                     self.hub.tick()
                 except Exception:
                     log.exception("alert evaluation failed")
+            if time.monotonic() >= next_prune and (self.keep_predictions_s or self.keep_history_s):
+                next_prune = time.monotonic() + 600.0
+                self.prune()
             try:
                 topic, payload = self.queue.get(timeout=0.2)
             except queue.Empty:
@@ -73,6 +80,19 @@ class IngestService:
                 continue
             for t, body, qos, retain in replies:
                 self.transport.publish(t, body, qos=qos, retain=retain)
+
+    def prune(self) -> int:
+        """Retention (in chunks: the ingest waits for one chunk at most); returns the rows deleted."""
+        try:
+            with self.hub.lock:
+                n = self.store.prune(int(time.time() * 1000), self.keep_predictions_s,
+                                     history_max_age_s=self.keep_history_s)
+        except Exception:
+            log.exception("retention failed; trying again later")
+            return 0
+        if n:
+            log.info("retention: %d old rows deleted", n)
+        return n
 
     def start(self) -> None:
         self._worker.start()

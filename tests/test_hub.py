@@ -201,3 +201,43 @@ def test_garbage_never_breaks_the_hub(tmp_path: Path) -> None:
     snap = hub.snapshot()
     assert snap["ingest"]["messages"] == 6 and sum(snap["ingest"]["rejected"].values()) >= 4
     hub.close()
+
+
+def test_a_restarted_hub_rebuilds_the_fleet_view_from_the_store(tmp_path: Path) -> None:
+    now = int(time.time() * 1000)
+    hub = Hub.for_tests(tmp_path / "c.db")
+    feed(hub, status("dev-5"), now)
+    feed(hub, batch("dev-5", [metric(1, now - 120_000, 20_000, 0, 600), metric(2, now - 60_000, 30_000, 6, 1200)]),
+         now)
+    before = {r["id"]: r for r in hub.devices()}["dev-5"]
+    hub.close()
+    hub2 = Hub.for_tests(tmp_path / "c.db")
+    after = {r["id"]: r for r in hub2.devices()}["dev-5"]
+    assert after["p99_ms"] == before["p99_ms"] == pytest.approx(30.0)
+    assert after["models"] == before["models"] and after["state"] == "online"
+    series = hub2.device("dev-5")["series"]["latency_p99_ms"]
+    assert series == hub.fleet.device("dev-5", now)["series"]["latency_p99_ms"]
+    hub2.close()
+    # Records older than the replay window are left out.
+    hub3 = Hub.for_tests(tmp_path / "c.db", replay_s=30)
+    assert {r["id"]: r for r in hub3.devices()}["dev-5"]["p99_ms"] is None
+    hub3.close()
+
+
+def test_a_registered_bundle_gives_the_accuracy_baseline(models_dir: Path, tmp_path: Path, profile) -> None:
+    from edge_runtime.adapters import ed25519
+    from edge_runtime.bundle import CreateOptions, create_bundle
+
+    ed25519.write_keypair(ed25519.generate(), tmp_path / "k")
+    b = create_bundle(models_dir / "digits_mlp.onnx", "3", tmp_path / "k", tmp_path / "b", CreateOptions(
+        reference=str(models_dir / "digits_mlp.train_x.npy"), test_data=str(models_dir / "digits_mlp.test_x.npy"),
+        test_labels=str(models_dir / "digits_mlp.test_y.npy")), profile)
+    hub = Hub.for_tests(tmp_path / "c.db")
+    assert hub.register_bundle(b) == ("digits_mlp", "3")
+    feed(hub, status("dev-6"), T0)
+    feed(hub, batch("dev-6", [metric(1, T0, 1000, 0, 10)]), T0)
+    (kpi,) = [m for m in hub.models() if m["model"] == "digits_mlp"]
+    assert kpi["reference_accuracy"] == pytest.approx(0.97, abs=0.02)
+    with pytest.raises(ValueError, match="not a readable model bundle"):
+        hub.register_bundle(tmp_path)
+    hub.close()
