@@ -475,3 +475,21 @@ def test_tensor_inputs_are_summarised_per_sample(models_dir: Path) -> None:
     monitor = DriftMonitor(ref)
     assert monitor.update(x[:100]) == []
     assert [a.kind for a in monitor.update(x[100:200] + 0.5)] == ["data"]
+
+
+def test_a_partial_last_window_is_held_not_tested(tabular: np.ndarray, tabular_ref: drift.Reference) -> None:
+    """Samples of an incomplete window wait for the rest: they are counted as pending, never tested
+    (a short window would break the calibrated false-alarm rate), and never summarised twice."""
+    monitor = DriftMonitor(tabular_ref)
+    assert monitor.window == 250
+    x = tabular[:400] * 3.0  # drifted, so a test of the partial window would alarm at once
+    assert [a.kind for a in monitor.update(x[:250])] == ["data"]
+    assert monitor.update(x[250:400]) == []
+    st = monitor.state()
+    assert st["samples"] == 400 and st["windows"] == 1 and st["pending"] == 150
+    first = monitor.take_summary()
+    assert (first.n, first.windows, first.end) == (250, 1, 250)
+    monitor.update(x[:100])  # completes the second window; the alarm is already open
+    assert monitor.state()["windows"] == 2 and monitor.state()["pending"] == 0
+    second = monitor.take_summary()
+    assert (second.n, second.windows, second.start, second.end) == (250, 1, 250, 500)
