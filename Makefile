@@ -64,10 +64,23 @@ postgresql:
 	fi
 .PHONY: postgresql
 
+# Chromium and its WebDriver (Debian's packages): the dashboard's end-to-end test drives them headless;
+# without them it skips.
+chromium:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium and chromium-driver (the dashboard's browser test)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	else \
+		echo "chromium is missing: run 'sudo apt-get install chromium chromium-driver' (else the browser test skips)"; \
+	fi
+.PHONY: chromium
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
-test: $(VENV)/.installed-dev mosquitto postgresql lint
+test: $(VENV)/.installed-dev mosquitto postgresql chromium lint
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-dev

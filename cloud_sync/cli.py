@@ -324,7 +324,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         stats = svc.stats()
         if web is not None:
-            web.should_exit = True
+            web.stop()
         svc.stop()
         if broker is not None:
             broker.stop()
@@ -333,22 +333,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def start_web(hub: Any, host: str, port: int, token: str | None) -> Any:
-    """The dashboard and JSON API on uvicorn in a thread; returns the server (``should_exit`` stops it)."""
+    """The dashboard and JSON API on uvicorn in a thread, listening when this returns (``stop()`` ends it)."""
     try:
-        import uvicorn
-
-        from cloud_sync.web import create_app
+        from cloud_sync.web import WebServer, create_app, serve_note
     except ImportError as e:
         from edge_runtime.errors import MissingExtraError
 
         raise MissingExtraError("the dashboard (--http)", "web", "starlette, uvicorn, jinja2") from e
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        log.warning("dashboard on %s without --token: changes are refused from every non-loopback client", host)
-    server = uvicorn.Server(uvicorn.Config(create_app(hub, token=token), host=host, port=port, log_level="warning"))
-    server.install_signal_handlers = lambda: None  # the main thread owns SIGINT/SIGTERM
-    threading.Thread(target=server.run, name="web", daemon=True).start()
-    log.info("dashboard on http://%s:%d/", host, port)
-    return server
+    note = serve_note(host, token or None)
+    if note:
+        log.warning("%s", note)
+    web = WebServer(create_app(hub, token=token or None), host=host, port=port).start()
+    log.info("dashboard on %s/", web.url)
+    return web
 
 
 # -- client commands: status, devices, alerts ------------------------------------------------------

@@ -4,6 +4,7 @@ outputs), periodic metric snapshots and telemetry, frame health, label feedback 
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
@@ -228,3 +229,37 @@ def test_metric_snapshots_telemetry_and_drift_with_concept_reach_the_cloud(bundl
     drift = [r[5] for r in rows if r[3] == "d"]
     assert drift and drift[-1]["concept"]["reference_accuracy"] > 0.9
     assert "distances" not in drift[-1]["summary"] and "max_distances" in drift[-1]["summary"]
+
+
+def test_drift_thread_sees_what_the_inline_monitor_sees_and_drops_rather_than_block(bundle, models_dir: Path,
+                                                                                   profile, tmp_path: Path) -> None:
+    from edge_runtime.core.drift import DriftMonitor, load_reference
+
+    x = np.tile(np.load(models_dir / "digits_mlp.test_x.npy") * 0.6, (5, 1)).astype(np.float32)  # 2250 rows
+    np.save(tmp_path / "x.npy", x)
+    ref = load_reference(json.loads((bundle[0] / "reference_profile.json").read_text()))
+    engine = OnnxEngine(models_dir / "digits_mlp.onnx", profile)
+    alarms = []
+    for threaded in (False, True):
+        p = Pipeline("d", engine, ArraySource(tmp_path / "x.npy"), drift=DriftMonitor(ref), drift_thread=threaded)
+        drain(p)
+        r = p.report()
+        assert r["drift"]["samples"] == len(x)
+        alarms.append(r["drift"]["alarms"])
+    assert alarms[0] == alarms[1] and alarms[0]
+
+    class SlowMonitor(DriftMonitor):  # a fault: a monitor far slower than inference
+        def update(self, *a, **kw):
+            time.sleep(0.2)
+            return super().update(*a, **kw)
+
+    p = Pipeline("d", engine, ArraySource(tmp_path / "x.npy"), drift=SlowMonitor(ref), drift_every=16,
+                 drift_thread=True)
+    p._drift_jobs = queue.Queue(maxsize=2)
+    t0 = time.monotonic()
+    drain(p)
+    served = time.monotonic() - t0
+    r = p.report()
+    dropped = r["errors"]["by_reason"].get("drift_dropped", 0)
+    assert r["predictions"] == len(x) and dropped > 0 and dropped % 16 == 0
+    assert served < 0.2 * len(x) / 16 / 2  # inference did not wait for the monitor

@@ -139,10 +139,10 @@ def test_embedded_broker_demo_path(models_dir: Path, tmp_path: Path) -> None:
     """`cloud-sync serve --embedded-broker` needs nothing installed; the agent speaks MQTT 3.1.1 to it."""
     from tests.conftest import free_port
 
-    port = free_port()
+    port, http = free_port(), free_port()
     db = tmp_path / "cloud.db"
     cloud = subprocess.Popen([sys.executable, "-m", "cloud_sync.cli", "serve", "--embedded-broker", "--port", str(port),
-                              "--db", str(db), "--stats-interval", "0", "--http", f"127.0.0.1:{free_port()}"],
+                              "--db", str(db), "--stats-interval", "0", "--http", f"127.0.0.1:{http}"],
                              stderr=subprocess.PIPE, text=True)
     try:
         assert cloud.stderr is not None
@@ -158,6 +158,15 @@ def test_embedded_broker_demo_path(models_dir: Path, tmp_path: Path) -> None:
                         "--drain-timeout", "15"], check=True, capture_output=True, timeout=90)
         wait_until(lambda: Store(db).count() >= 101, 15, "the embedded-broker cloud to store 101 records")
         assert check_exactly_once(db, outbox) == 101
+        # The fleet view of the same server, through its API, as an operator reads it.
+        url = f"http://127.0.0.1:{http}"
+        out = subprocess.run([sys.executable, "-m", "cloud_sync.cli", "devices", "--url", url, "--json"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        (dev,) = json.loads(out)
+        assert dev["id"] == "dev-1" and dev["models"][0]["name"] == "digits_mlp"
+        table = subprocess.run([sys.executable, "-m", "cloud_sync.cli", "status", "--url", url],
+                               capture_output=True, text=True, timeout=30, check=True).stdout
+        assert "devices: 1 (" in table and "digits_mlp" in table
     finally:
         cloud.send_signal(signal.SIGTERM)
         assert cloud.wait(15) == 0

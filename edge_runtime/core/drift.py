@@ -1509,7 +1509,7 @@ class DriftMonitor:
 
     @property
     def open_alarms(self) -> tuple[Alarm, ...]:
-        return tuple(self._open.values())
+        return tuple(self._open.copy().values())  # a copy: readable while the monitor's thread updates
 
     def state(self) -> dict[str, Any]:
         """A JSON-ready snapshot for reports and status lines."""
