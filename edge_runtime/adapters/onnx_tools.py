@@ -65,9 +65,13 @@ def preprocess(src: str | Path, dst: str | Path) -> str | None:
     if importlib.util.find_spec("sympy") is None:
         run(skip_symbolic=True)
         return "symbolic shape inference skipped: sympy is not installed"
+    debug_file = Path("sym_shape_infer_temp.onnx")  # onnxruntime writes it to the cwd when inference fails
+    had_debug_file = debug_file.exists()
     try:
         run(skip_symbolic=False)
     except Exception as e:
+        if not had_debug_file:
+            debug_file.unlink(missing_ok=True)
         log.debug("symbolic shape inference failed, retrying without it: %s", e)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         try:
