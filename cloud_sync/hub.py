@@ -136,8 +136,7 @@ class Hub:
         f = self.fleet
         if isinstance(msg, p.RecordBatch):
             f.observe_batch(msg, now_ms)
-            if self.review_below is not None:
-                self._queue_reviews(msg, now_ms)
+            self._queue_reviews(msg, now_ms)
         elif isinstance(msg, p.Status):
             f.observe_status(msg, now_ms)
         elif isinstance(msg, p.Telemetry):
@@ -287,20 +286,31 @@ class Hub:
     # -- review queue ----------------------------------------------------------------------------------
 
     def _queue_reviews(self, batch: p.RecordBatch, now_ms: int) -> None:
+        """Review items: the samples devices chose to send (``s`` records: low confidence, inputs after a
+        drift alarm, maybe with the input), then low-confidence predictions the cloud picks itself from
+        ``p`` records; one item per prediction, within the per-device hourly cap."""
         hour = now_ms // 3_600_000
-        for r in batch.records:
-            if r.kind != p.PREDICTION:
+        samples = [r for r in batch.records if r.kind == p.SAMPLE]
+        predictions = [r for r in batch.records if r.kind == p.PREDICTION] if self.review_below is not None else []
+        for r in (*samples, *predictions):
+            pl = r.payload
+            score, pid = pl.get("p"), pl.get("i")
+            if not isinstance(pid, str) or (score is not None and not isinstance(score, int | float)):
                 continue
-            score = r.payload.get("p")
-            pid = r.payload.get("i")
-            if not isinstance(score, int | float) or score >= (self.review_below or 0) or not isinstance(pid, str):
+            if r.kind == p.SAMPLE:
+                reason = pl.get("reason") if pl.get("reason") in ("low_confidence", "drift") else "device"
+            elif score is None or score >= (self.review_below or 0):
                 continue
+            else:
+                reason = "low_confidence"
             key = (batch.device_id, hour)
             if self._review_quota.get(key, 0) >= self.review_per_device_hour:
                 continue
-            model = r.payload.get("m") if isinstance(r.payload.get("m"), str) else "?"
-            item = {"prediction_id": pid, "label": r.payload.get("y"), "score": score, "model": model,
-                    "boot_id": batch.boot_id, "seq": r.seq, "created_ms": r.created_ms, "reason": "low_confidence"}
+            model = pl.get("m") if isinstance(pl.get("m"), str) else "?"
+            item = {"prediction_id": pid, "label": pl.get("y"), "score": score, "model": model,
+                    "boot_id": batch.boot_id, "seq": r.seq, "created_ms": r.created_ms, "reason": reason}
+            if isinstance(pl.get("input"), dict):
+                item["input"] = pl["input"]
             if self.store.add_review(f"{batch.device_id}:{pid}", device_id=batch.device_id, model=model, payload=item,
                                      created_ms=now_ms):
                 self._review_quota[key] = self._review_quota.get(key, 0) + 1

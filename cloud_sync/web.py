@@ -174,6 +174,8 @@ REVIEW_COLUMNS: Final = (
     Column("payload.prediction_id", "Prediction"),
     Column("payload.label", "Predicted", "json"),
     Column("payload.score", "Score", "num2"),
+    Column("payload.reason", "Why"),
+    Column("payload.input.shape", "Input", "json", "shape of the input the device sent (only when configured)"),
     Column("state", "State", "state"),
     Column("label", "Label", "json"),
     Column("reviewed_by", "Reviewed by"),

@@ -97,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --broker: live telemetry (QoS 0, not buffered) every S seconds (0: never; default 10)")
     run.add_argument("--low-confidence", type=float, default=0.5, metavar="T",
                      help="top-1 scores below T count as low-confidence outputs (default 0.5)")
+    run.add_argument("--review-samples", default="none", choices=["none", "low-confidence", "drift", "both"],
+                     help="with --broker: send low-confidence predictions and/or the inputs right after a drift "
+                          "alarm as review samples (default none: the cloud then queues low-confidence predictions "
+                          "from the prediction records; capped by --review-per-hour)")
+    run.add_argument("--review-inputs", default="none", choices=["none", "raw"],
+                     help="what a review sample carries: the prediction only (none, the default: inputs never "
+                          "leave the device) or the input array too (raw), downscaled to --review-max-kb")
+    run.add_argument("--review-per-hour", type=int, default=20, metavar="N",
+                     help="review samples per hour (default 20)")
+    run.add_argument("--review-max-kb", type=float, default=64.0, metavar="KB",
+                     help="size cap of an input sent for review (default 64)")
     run.add_argument("--drift-thread", action="store_true",
                      help="run drift monitoring and frame-health checks on their own thread (default: inline "
                           "every 64 inputs, which kept p99 latency lower here; see benchmarks/RESULTS.md)")
@@ -265,6 +276,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     pred_out = _open_predictions(args.predictions)
     uplink = _uplink(args)
     book = PredictionBook(f"{uplink.boot_id[:8] if uplink is not None else uuid.uuid4().hex[:8]}-")
+    selectors: dict[str, Any] = {}
     pipelines = []
     names: set[str] = set()
     for i, model_arg in enumerate(args.model):
@@ -283,7 +295,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.info("model %s: preprocessing from %s: %s", pname, ref.preprocess_origin, pre.to_dict())
         monitor = None if args.no_drift else _drift_monitor(args.drift_reference or ref.reference, pname)
         concept = None if args.no_drift else _label_tracker(ref.metrics)
-        sink = _sinks(pname, pred_out, uplink, book if concept is not None or pred_out or uplink else None)
+        selector = _review_selector(args) if uplink is not None else None
+        if selector is not None:
+            selectors[pname] = selector
+        sink = _sinks(pname, pred_out, uplink, book if concept is not None or pred_out or uplink else None, selector)
         health = None
         if not args.no_frame_health and getattr(src, "frames", False):
             from edge_runtime.core.image_features import ImageHealth
@@ -292,7 +307,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         version = ref.version or ""
         pipelines.append(Pipeline(pname, engine, src, preprocess=pre, batch=args.batch,
                                   max_wait_s=args.max_wait_ms / 1000.0, resize_fn=resize_fn, sink=sink,
-                                  drift=monitor, on_drift=_drift_events(pname, uplink), concept=concept,
+                                  drift=monitor, on_drift=_drift_events(pname, uplink, selector), concept=concept,
                                   on_summary=_drift_summaries(pname, version, uplink),
                                   low_confidence=args.low_confidence, health=health,
                                   on_health=_health_events(pname, uplink), version=version,
@@ -322,6 +337,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             sync_report = uplink.stop(args.drain_timeout)
     if uplink is not None:
         report["uplink"] = sync_report
+        report["review_samples"] = {n: {"kept": dict(sel.kept), "over_hourly_cap": sel.capped}
+                                    for n, sel in selectors.items()}
     if args.report_json:
         write_report(report, args.report_json)
     if args.json:
@@ -408,12 +425,28 @@ def _metric_records(uplink: Any) -> Any:
     return send
 
 
-def _drift_events(name: str, uplink: Any) -> Any:
+def _review_selector(args: argparse.Namespace) -> Any:
+    if args.review_samples == "none":
+        return None
+    from edge_runtime.core.samples import REASONS, SamplePolicy, SampleSelector
+
+    when = REASONS if args.review_samples == "both" else (args.review_samples.replace("-", "_"),)
+    try:
+        policy = SamplePolicy(when=when, inputs=args.review_inputs, per_hour=args.review_per_hour,
+                              max_bytes=int(args.review_max_kb * 1024))
+    except ValueError as e:
+        raise EdgeRuntimeError(f"--review-*: {e}") from e
+    return SampleSelector(policy, args.low_confidence)
+
+
+def _drift_events(name: str, uplink: Any, selector: Any = None) -> Any:
     if uplink is None:
         return None
 
     def send(alarms: list[Any]) -> None:
         now = time.time()
+        if selector is not None and any(a.is_open for a in alarms):
+            selector.drift_opened()
         for a in alarms:
             uplink.record("event", {"name": "drift_alarm" if a.is_open else "drift_cleared", "severity":
                                     "warning" if a.is_open else "info", "message": a.reason, "ref": name,
@@ -421,7 +454,7 @@ def _drift_events(name: str, uplink: Any) -> Any:
     return send
 
 
-def _sinks(name: str, pred_out: Any, uplink: Any, book: Any) -> Any:
+def _sinks(name: str, pred_out: Any, uplink: Any, book: Any, selector: Any = None) -> Any:
     """The per-batch result sink: ids for the predictions (what label feedback names), then JSON
     lines to a file and/or records to the outbox. None when nothing consumes predictions."""
     if book is None:
@@ -446,8 +479,31 @@ def _sinks(name: str, pred_out: Any, uplink: Any, book: Any) -> Any:
         if uplink is not None:
             now = time.time()
             for i, lab in enumerate(labs):
-                uplink.prediction(name, lab, sc[i] if sc is not None else None, now, ids[i])
+                score = sc[i] if sc is not None else None
+                uplink.prediction(name, lab, score, now, ids[i])
+                if selector is not None:
+                    why = selector.reason(score, now)
+                    if why is not None:
+                        uplink.record("sample", _review_sample(name, ids[i], lab, score, why, records[i], selector),
+                                      now)
     return sink
+
+
+def _review_sample(name: str, pid: str, label: Any, score: float | None, why: str, record: Any,
+                   selector: Any) -> dict[str, Any]:
+    from edge_runtime.core.samples import encode_input
+
+    out: dict[str, Any] = {"i": pid, "m": name, "y": label, "reason": why}
+    if score is not None and math.isfinite(score):
+        out["p"] = round(score, 6)
+    if selector.policy.inputs == "raw":
+        x = next((v for k, v in record.items() if k != "id"), None) if isinstance(record, dict) else record
+        enc = encode_input(x, selector.policy.max_bytes) if x is not None else None
+        if enc is not None:
+            out["input"] = enc
+        else:
+            out["input_omitted"] = f"over {selector.policy.max_bytes} bytes or not a numeric array"
+    return out
 
 
 def _ort_version() -> str:

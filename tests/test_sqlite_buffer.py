@@ -181,11 +181,11 @@ def test_size_bound_drops_the_oldest_lowest_priority_records_first(tmp_path: Pat
         assert [r.payload[:2] for r in all_records(buf)] == [b"e0", b"e1", b"d0", b"d1", b"d2", b"E0", b"E1",
                                                              b"E2", b"E3", b"E4"]
         stats = buf.stats()
-        assert stats.dropped == {"prediction": 6, "metric": 2, "drift": 0, "event": 0}
+        assert stats.dropped == {"prediction": 6, "metric": 2, "drift": 0, "event": 0, "sample": 0}
         assert stats.dropped_by_reason["bound"] == stats.dropped
         assert stats.stored_bytes <= 10 * per
     with open_buffer(path, boot_id="b2", max_mb=10 * per / 2**20) as buf:
-        assert buf.stats().dropped == {"prediction": 6, "metric": 2, "drift": 0, "event": 0}  # persisted
+        assert buf.stats().dropped == {"prediction": 6, "metric": 2, "drift": 0, "event": 0, "sample": 0}  # persisted
 
 
 def test_records_of_the_batch_itself_are_dropped_when_they_rank_lowest(tmp_path: Path) -> None:
@@ -227,7 +227,8 @@ def test_trim_drops_records_older_than_max_age(tmp_path: Path) -> None:
         assert buf.trim(T0 + 65) == {}
     with open_buffer(path, boot_id="b2", max_age_s=60, now=T0 + 200) as buf:  # open applies it too
         assert all_records(buf) == []
-        assert buf.stats().dropped_by_reason["age"] == {"prediction": 1, "metric": 1, "drift": 0, "event": 1}
+        assert buf.stats().dropped_by_reason["age"] == {"prediction": 1, "metric": 1, "drift": 0, "event": 1,
+                                                                "sample": 0}
 
 
 def test_trim_without_max_age_drops_nothing(tmp_path: Path) -> None:
@@ -277,7 +278,8 @@ def test_probability_sampling_is_seeded_and_counted(tmp_path: Path) -> None:
 
 def test_config_is_validated_when_built(tmp_path: Path) -> None:
     bad: list[dict[str, Any]] = [{"device_id": ""}, {"max_mb": 0}, {"max_age_s": -1}, {"synchronous": "OFF"},
-                                 {"drop_priority": ("event",)}, {"sample_every": 0},
+                                 {"drop_priority": ("event", "event")}, {"drop_priority": ("events",)},
+                                 {"drop_priority": ()}, {"sample_every": 0},
                                  {"sample_probability": 0.0}, {"sample_every": 2, "sample_probability": 0.5},
                                  {"max_queued": 0}, {"integrity_check": "maybe"}]
     for kw in bad:
@@ -477,7 +479,7 @@ def test_stats_to_dict_reports_everything(tmp_path: Path) -> None:
     with open_buffer(tmp_path / "o.db", boot_id="b1") as buf:
         buf.append_many("drift", [b"abc"], T0)
         d = buf.stats().to_dict()
-    assert d["pending"] == {"prediction": 0, "metric": 0, "drift": 1, "event": 0}
+    assert d["pending"] == {"prediction": 0, "metric": 0, "drift": 1, "event": 0, "sample": 0}
     assert d["pending_bytes"] == 3
     assert d["stored_bytes"] == 3 + RECORD_OVERHEAD
     assert set(d["dropped_by_reason"]) == set(DROP_REASONS)
@@ -781,7 +783,7 @@ test_buffer_state_machine = BufferMachine.TestCase
 class EventsFirstMachine(BufferMachine):
     """The same with the opposite drop priority, so every kind gets dropped somewhere."""
 
-    PRIORITY = ("event", "drift", "metric", "prediction")
+    PRIORITY = ("event", "drift", "metric", "prediction", "sample")
 
 
 EventsFirstMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=40, deadline=None,

@@ -111,7 +111,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KINDS: Final = ("prediction", "metric", "drift", "event")
+KINDS: Final = ("prediction", "metric", "drift", "event", "sample")
+DEFAULT_DROP_PRIORITY: Final = ("sample", "prediction", "metric", "drift", "event")
 DROP_REASONS: Final = ("bound", "age", "full", "queue_full", "oversize")
 # Bytes a record costs on disk beyond its payload: key, kind, created and size columns, the cell
 # header and pointer, and the b-tree's unused space: measured at ~38 bytes for 120-byte payloads appended in
@@ -201,7 +202,8 @@ class BufferConfig:
 
     ``max_mb``/``max_age_s``: the bounds (None: unbounded). ``hard_limit_mb``: the file may never
     grow past this (SQLite's ``max_page_count``); None means ``2 * max_mb + 1`` when ``max_mb`` is
-    set, else no cap. ``drop_priority`` lists every kind, the first dropped first.
+    set, else no cap. ``drop_priority`` lists kinds, the first dropped first; kinds it leaves out are
+    dropped before any it lists.
     """
 
     path: str | Path
@@ -210,7 +212,7 @@ class BufferConfig:
     max_age_s: float | None = None
     hard_limit_mb: float | None = None
     synchronous: str = "NORMAL"
-    drop_priority: tuple[str, ...] = KINDS
+    drop_priority: tuple[str, ...] = DEFAULT_DROP_PRIORITY
     sample_every: int = 1
     sample_probability: float = 1.0
     sample_seed: int = 0
@@ -232,8 +234,12 @@ class BufferConfig:
                 raise bad(key, f"must be > 0 or unset, got {value!r}")
         if self.synchronous.upper() not in ("NORMAL", "FULL"):
             raise bad("synchronous", f"must be 'NORMAL' or 'FULL', got {self.synchronous!r}")
-        if sorted(self.drop_priority) != sorted(KINDS):
-            raise bad("drop_priority", f"must list each of {list(KINDS)} once, got {list(self.drop_priority)}")
+        unknown = [k for k in self.drop_priority if k not in KINDS]
+        if unknown or len(set(self.drop_priority)) != len(self.drop_priority) or not self.drop_priority:
+            raise bad("drop_priority", f"must list kinds of {list(KINDS)}, each at most once, got "
+                                       f"{list(self.drop_priority)}")
+        missing = tuple(k for k in DEFAULT_DROP_PRIORITY if k not in self.drop_priority)
+        object.__setattr__(self, "drop_priority", missing + tuple(self.drop_priority))
         if self.sample_every < 1:
             raise bad("sample_every", f"must be >= 1, got {self.sample_every!r}")
         if not 0.0 < self.sample_probability <= 1.0:

@@ -49,7 +49,9 @@ cmd/config  {"v":1,"command_id":"cfg-3","issued_ms":1764167600000,"expires_ms":n
 Records are arrays ``[seq, kind, created_ms, payload]`` (no per-record keys: about 30 bytes of
 framing per record); ``kind`` is ``"p"`` prediction (``{"m": model, "y": label, "p": score}``, free
 form), ``"m"`` metric snapshot (free form), ``"d"`` drift (:class:`DriftSummary`), ``"e"`` event
-(:class:`Event`); other short lower-case kinds pass through so that newer agents are not rejected.
+(:class:`Event`), ``"s"`` sample (an input kept for human review: the prediction's fields, ``reason``
+and, only when the device is configured to, the input itself); other short lower-case kinds pass
+through so that newer agents are not rejected.
 
 Why these flags:
 
@@ -98,6 +100,7 @@ __all__ = [
     "PREDICTION",
     "PROTOCOL_ERROR_REASONS",
     "RECORD_KIND_CODES",
+    "SAMPLE",
     "SEVERITIES",
     "TOPIC_PREFIX",
     "UP_KINDS",
@@ -155,10 +158,11 @@ PREDICTION: Final = "p"
 METRIC: Final = "m"
 DRIFT: Final = "d"
 EVENT: Final = "e"
-_KNOWN_RECORD_KINDS: Final = frozenset((PREDICTION, METRIC, DRIFT, EVENT))
+SAMPLE: Final = "s"
+_KNOWN_RECORD_KINDS: Final = frozenset((PREDICTION, METRIC, DRIFT, EVENT, SAMPLE))
 # The buffer and the cloud's tables may name kinds in full; the wire spends one letter per record.
 RECORD_KIND_CODES: Final[Mapping[str, str]] = {"prediction": PREDICTION, "metric": METRIC, "drift": DRIFT,
-                                                "event": EVENT}
+                                                "event": EVENT, "sample": SAMPLE}
 
 SEVERITIES: Final = ("debug", "info", "warning", "error", "critical")
 
