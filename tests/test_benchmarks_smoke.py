@@ -55,3 +55,13 @@ def test_quantize_all_quick(models_dir: Path, tmp_path: Path) -> None:
         fp32 = next(v for v in rep["variants"] if v["name"] == "fp32")
         chosen = next(v for v in rep["variants"] if v["name"] == rep["chosen"]["name"])
         assert chosen["median_us"] <= fp32["median_us"]
+
+
+def test_drift_in_agent_quick(models_dir: Path) -> None:
+    proc = run_script("drift_in_agent.py", "--repeats", "1", "--rows", "600", "--frames", "12", "--models-dir",
+                      str(models_dir), "--json")
+    rows = json.loads(proc.stdout)
+    assert {(r["data"], r["monitor"]) for r in rows} == {(d, m) for d in ("rows", "frames")
+                                                         for m in ("none", "inline", "thread")}
+    assert all(r["per_s"] > 0 and r["p99_us"] > 0 for r in rows)
+    assert all(r["throughput_ratio"] == 1.0 for r in rows if r["monitor"] == "none")
