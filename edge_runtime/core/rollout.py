@@ -84,9 +84,11 @@ from edge_runtime.errors import EdgeRuntimeError
 
 __all__ = [
     "AUTOMATION_LEVELS",
+    "DEFAULT_MAX_CLASSES",
     "DELTA_EDGES",
     "EVENTS",
     "MAX_HISTORY",
+    "MAX_REVIEW_CLASSES",
     "OUTPUT_STATUSES",
     "RESUME_ACTIONS",
     "ROLLOUT_ERROR_REASONS",
@@ -482,6 +484,8 @@ class RolloutMachine:
         ``start_download`` takes ``rollout_id``, ``name``, ``version`` and ``sha256``; other events take no
         details. Raises :class:`IllegalTransition` when the table has no ``(state, event)``, and
         :class:`RolloutError` for bad arguments or an older candidate; the machine is then unchanged."""
+        if type(event) is not str:
+            raise RolloutError("bad_type", f"event is {_jtype(event)}, expected str")
         nxt = TRANSITIONS.get((self.state, event))
         if nxt is None:
             raise IllegalTransition(self.state, event)
@@ -506,7 +510,7 @@ class RolloutMachine:
         elif event in ("verified_shadow", "verified_activate", "promote"):
             if candidate is None:  # every state past start_download has one (checked on load)
                 raise RolloutError("bad_state", f"state {self.state!r} without a candidate")
-            if not is_newer(highest.get(candidate.name, candidate.version), candidate.version):
+            if is_newer(candidate.version, highest.get(candidate.name)):
                 highest = {**highest, candidate.name: candidate.version}
             if nxt == "active":
                 active = candidate.ref
@@ -675,14 +679,7 @@ class ReviewRule:
     def __post_init__(self) -> None:
         if self.min_score is not None:
             object.__setattr__(self, "min_score", _float(self.min_score, "min_score"))
-        classes = list(self.classes)
-        if len(classes) > MAX_REVIEW_CLASSES:
-            raise RolloutError("bad_value", f"classes has {len(classes)} entries, expected at most "
-                                            f"{MAX_REVIEW_CLASSES}")
-        for c in classes:
-            if type(c) not in (int, str):
-                raise RolloutError("bad_type", f"class {_clip(repr(c))} is {_jtype(c)}, expected int or str")
-        object.__setattr__(self, "classes", frozenset(classes))
+        object.__setattr__(self, "classes", _review_classes(self.classes))
 
     def matches(self, label: int | str | None, score: float | None) -> bool:
         """Whether this output needs review."""
@@ -718,7 +715,17 @@ class ReviewRule:
         o = _dict(d, "review rule", ("min_score", "classes"))
         ms = o.get("min_score")
         classes = _list(o.get("classes", []), "classes", MAX_REVIEW_CLASSES)
-        return cls(None if ms is None else _float(ms, "min_score"), frozenset(classes))
+        return cls(None if ms is None else _float(ms, "min_score"), _review_classes(classes))
+
+
+def _review_classes(v: Iterable[Any]) -> frozenset[int | str]:
+    classes = list(v)
+    if len(classes) > MAX_REVIEW_CLASSES:
+        raise RolloutError("bad_value", f"classes has {len(classes)} entries, expected at most {MAX_REVIEW_CLASSES}")
+    for c in classes:
+        if type(c) not in (int, str):
+            raise RolloutError("bad_type", f"class {_clip(repr(c))} is {_jtype(c)}, expected int or str")
+    return frozenset(classes)
 
 
 # -- shadow comparison statistics ------------------------------------------------------------------------
@@ -776,9 +783,9 @@ class ShadowStats:
     candidate errors.
 
     ``a.merge(b)`` equals the statistics of a's samples followed by b's: counts, agreement, histograms and
-    latency exactly; moments up to rounding; the confusion exactly while neither side has put into
-    "other" a label that the other side names. ``to_dict`` is versioned (:data:`SHADOW_SCHEMA`) and
-    compact: under 2 KB for ten classes."""
+    latency exactly; moments up to rounding; the class numbering and confusion exactly unless b, past its
+    cap, put into "other" a label that a names (b's "other" cannot be split again). ``to_dict`` is
+    versioned (:data:`SHADOW_SCHEMA`) and compact: under 2 KB for ten classes."""
 
     def __init__(self, max_classes: int = DEFAULT_MAX_CLASSES) -> None:
         self.max_classes = _int(max_classes, "max_classes", 1, 1024)
