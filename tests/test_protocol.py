@@ -642,7 +642,7 @@ def test_the_documented_examples_decode_and_are_exactly_what_to_wire_writes() ->
 
 def test_public_surface() -> None:
     assert all(hasattr(p, name) for name in p.__all__)
-    assert sorted(p.RECORD_KIND_CODES.values()) == sorted([p.PREDICTION, p.METRIC, p.DRIFT, p.EVENT])
+    assert sorted(p.RECORD_KIND_CODES.values()) == sorted([p.PREDICTION, p.METRIC, p.DRIFT, p.EVENT, p.SAMPLE])
     assert set(PROTOCOL_ERROR_REASONS) >= {"oversize", "bad_json", "wrong_version", "missing_field", "bad_type"}
 
 
