@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,28 @@ def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = 
                     ref_file if p.name == "model.onnx" and ref_file.is_file() else None, metrics)
 
 
+@dataclass
+class _Swap:
+    engine: Any
+    runners: dict[int, Any]
+    postprocess: Postprocessor
+    version: str
+    drift: Any = None
+    concept: Any = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Shadow:
+    engine: Any
+    runners: dict[int, Any]
+    postprocess: Postprocessor
+    version: str
+    stats: Any
+    every: int
+    batches: int = 0
+
+
 class Postprocessor:
     """Top-1 label and score per sample, from the first 2-D float output (scores/probabilities),
     else from a 1-D integer output (labels). Models with neither are passed through."""
@@ -161,6 +183,11 @@ class Pipeline:
         # Build (and so warm up: the IOBinding check runs the model) the runners of the usual batch
         # sizes now, not on the first input.
         self._runners: dict[int, Any] = {n: engine.runner(n) for n in {1, batch}}
+        # Model changes (rollouts): a prepared swap waits here until the pipeline thread takes it between
+        # two inputs; a shadow candidate runs after the active model's answer is out.
+        self._pending_swap: _Swap | None = None
+        self.swaps = 0
+        self._shadow: _Shadow | None = None
         self.stopping = False
         # Drift monitoring: inputs are gathered per sample (a reference append) and handed to the
         # monitor every ``drift_every`` samples, so its vectorised update costs ~2 us per sample.
@@ -203,6 +230,8 @@ class Pipeline:
 
     def step(self) -> bool:
         """Read, check and run one micro-batch. False once the source is exhausted (or stopping)."""
+        if self._pending_swap is not None:
+            self._apply_swap()
         if self.batch == 1:
             return self._step_one()
         clock = time.perf_counter_ns
@@ -289,6 +318,8 @@ class Pipeline:
         self.metrics.record_batch(t0, t1, t2, t3, time.perf_counter_ns(), n)
         if self._gather:
             self._gather_drift(feeds, records, labels, n)
+        if self._shadow is not None and labels is not None:
+            self._run_shadow(self._shadow, feeds, labels, top, n)
 
     def _gather_drift(self, feeds: dict[str, np.ndarray], records: list[Record], labels: Any, n: int) -> None:
         if self._drift_raw:
@@ -487,6 +518,95 @@ class Pipeline:
                 pass
         return [({k: v[None] for k, v in s.items()}, [r]) for s, r in zip(good, kept, strict=True)]
 
+    # -- model changes: hot swap and shadow ----------------------------------------------------
+
+    def _check_compatible(self, engine: Any) -> None:
+        def sig(spec: ModelSpec) -> list[tuple[Any, ...]]:  # dynamic dims match whatever they are named
+            return [(d["name"], d["dtype"], tuple(x if isinstance(x, int) else None for x in d["shape"] or ()))
+                    for d in (t.to_dict() for t in spec.inputs)]
+
+        have, got = sig(self.spec), sig(engine.spec)
+        if have != got:
+            raise ModelLoadError(f"model {engine.name} takes inputs {got}, the running model {have}: "
+                                 "a swap needs the same inputs")
+
+    def prepare_swap(self, engine: Any, version: str, *, drift: Any = None, concept: Any = None) -> _Swap:
+        """Everything a swap needs, built off the hot path (the runners are built, so the new session has
+        run once). Raises ModelLoadError when the new model takes other inputs."""
+        self._check_compatible(engine)
+        runners = {n: engine.runner(n) for n in {1, self.batch, *self._runners}}
+        return _Swap(engine, runners, Postprocessor(engine.spec), version, drift, concept)
+
+    def swap(self, engine: Any, version: str, *, drift: Any = None, concept: Any = None,
+             timeout_s: float | None = 10.0) -> bool:
+        """Replace the model between two inputs: none is dropped or answered twice. Returns once the
+        pipeline thread switched (True), or after ``timeout_s`` with the swap still pending (False; it
+        happens before the next input). ``drift``/``concept``: the new model's monitors (None: keep)."""
+        sw = self.prepare_swap(engine, version, drift=drift, concept=concept)
+        self._pending_swap = sw
+        return sw.done.wait(timeout_s)
+
+    def _apply_swap(self) -> None:
+        sw = self._pending_swap
+        self._pending_swap = None
+        if sw is None:
+            return
+        old = self.version
+        if self._gather:
+            self.drain_drift()  # the old model's inputs go to the old monitor
+        self.engine, self._runners, self.postprocess, self.version = sw.engine, sw.runners, sw.postprocess, sw.version
+        if sw.drift is not None:
+            self.drift = sw.drift
+            self._drift_raw = self.health is not None or sw.drift.reference.kind == "image"
+            self._gather = True
+        if sw.concept is not None:
+            self.concept = sw.concept
+        self.swaps += 1
+        sw.done.set()
+        log.info("%s: model swapped %s -> %s between two inputs", self.name, old or "?", sw.version or "?")
+
+    def set_shadow(self, engine: Any | None, version: str = "", *, every: int = 1) -> Any:
+        """Run ``engine`` beside the active model on every ``every``-th batch, after the active answer was
+        delivered, comparing its outputs (agreement, score deltas, its latency); never acted on. None
+        stops it. Returns the new :class:`~edge_runtime.core.rollout.ShadowStats` (or None)."""
+        if engine is None:
+            self._shadow = None
+            return None
+        from edge_runtime.core.rollout import ShadowStats
+
+        if every < 1:
+            raise ConfigError(f"shadow every must be >= 1, got {every}")
+        self._check_compatible(engine)
+        post = Postprocessor(engine.spec)
+        if post.scores_index is None and post.labels_index is None:
+            raise ModelLoadError(f"shadow model {engine.name} has no label or score output to compare")
+        runners = {n: engine.runner(n) for n in {1, self.batch}}
+        sh = _Shadow(engine, runners, post, version, ShadowStats(), every)
+        self._shadow = sh
+        return sh.stats
+
+    def _run_shadow(self, sh: _Shadow, feeds: dict[str, np.ndarray], labels: Any, top: Any, n: int) -> None:
+        sh.batches += 1
+        if sh.batches % sh.every:
+            return
+        run = sh.runners.get(n)
+        try:
+            if run is None:
+                run = sh.runners[n] = sh.engine.runner(n)
+            t = time.perf_counter_ns()
+            out = run(feeds)
+            elapsed = time.perf_counter_ns() - t
+            cand = sh.postprocess.labels(out)
+            si = sh.postprocess.scores_index
+            cand_top = out[si][np.arange(n), cand] if si is not None else np.full(n, np.nan)
+            act_top = top if top is not None else np.full(n, np.nan)
+            sh.stats.update_batch(np.asarray(labels).reshape(-1), np.asarray(act_top).reshape(-1),
+                                  np.asarray(cand).reshape(-1), np.asarray(cand_top).reshape(-1), elapsed)
+        except Exception as e:  # the candidate's failure is a finding, not the pipeline's
+            sh.stats.add_errors(n)
+            if sh.stats.errors <= 5 * n:
+                log.warning("%s: shadow model %s failed: %s", self.name, sh.version, str(e).splitlines()[0][:300])
+
     # -- errors and reporting -----------------------------------------------------------------
 
     def _error(self, reason: str, n: int, message: str) -> None:
@@ -526,6 +646,10 @@ class Pipeline:
             out["prediction_shift"] = self._prediction_shift()
         if self.health is not None:
             out["frame_health"] = self.health.state()
+        if self._shadow is not None:
+            out["shadow"] = {"version": self._shadow.version, **self._shadow.stats.summary()}
+        if self.swaps:
+            out["swaps"] = self.swaps
         if self.concept is not None:
             out["concept"] = {"labels": self._labels_seen, "alarmed": self.concept.drift_detected,
                               "state": self.concept.state()}
