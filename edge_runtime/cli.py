@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="review samples per hour (default 20)")
     run.add_argument("--review-max-kb", type=float, default=64.0, metavar="KB",
                      help="size cap of an input sent for review (default 64)")
+    run.add_argument("--state-dir", metavar="DIR", default=os.environ.get("EDGE_RUNTIME_STATE_DIR"),
+                     help="with --broker and a public key: where rollouts keep their state and bundles "
+                          "(default: $EDGE_RUNTIME_STATE_DIR, else edge-runtime-state beside the outbox)")
+    run.add_argument("--no-rollouts", action="store_true", help="ignore rollout orders from the cloud")
+    run.add_argument("--latency-budget-ms", type=float, metavar="MS",
+                     help="refuse a rolled-out model whose median latency on this device is above MS")
     run.add_argument("--drift-thread", action="store_true",
                      help="run drift monitoring and frame-health checks on their own thread (default: inline "
                           "every 64 inputs, which kept p99 latency lower here; see benchmarks/RESULTS.md)")
@@ -323,15 +329,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                   on_metrics=_metric_records(uplink), metrics_interval_s=args.metrics_interval,
                   on_telemetry=uplink.telemetry if uplink is not None else None,
                   telemetry_interval_s=args.telemetry_interval)
+    deployers = []
     if uplink is not None:
         uplink.models = [(pl.name, pl.version) for pl in pipelines]
         uplink.label_sink = router.label
+        deployers = _deployers(args, pipelines, uplink, profile)
         uplink.start()
+        for d in deployers:
+            d.start()
     try:
         report = agent.run()
     finally:
         if pred_out is not None and pred_out is not sys.stdout:
             pred_out.close()
+        for d in deployers:
+            d.stop()
         if uplink is not None:
             Agent._hook("metrics", lambda: _metric_records(uplink)(agent.metric_snapshots()))
             sync_report = uplink.stop(args.drain_timeout)
@@ -359,6 +371,39 @@ def _uplink(args: argparse.Namespace) -> Any:
     path = args.buffer or os.environ.get("EDGE_RUNTIME_BUFFER") or "edge-runtime-outbox.db"
     return Uplink(UplinkConfig(broker_url=broker, device_id=device_id, buffer_path=path,
                                buffer_max_mb=args.buffer_max_mb))
+
+
+def _deployers(args: argparse.Namespace, pipelines: list[Any], uplink: Any, profile: Any) -> list[Any]:
+    """One rollout deployer per pipeline, fed by the cloud's ``cmd/rollout`` orders. Rollouts need a
+    public key: without one, bundles cannot be verified and orders are refused."""
+    if args.no_rollouts:
+        return []
+    key_paths = _public_key_paths(args.key or [])
+    if not key_paths:
+        log.info("rollouts off: no public key to verify bundles with (--key, $EDGE_RUNTIME_PUBLIC_KEYS or "
+                 "/etc/edge-runtime/keys/*.pub)")
+        return []
+    from edge_runtime.bundle import load_public_keys
+    from edge_runtime.deploy import Deployer, mqtt_fetch
+
+    state_dir = Path(args.state_dir) if args.state_dir else Path(uplink.cfg.buffer_path).resolve().parent / \
+        "edge-runtime-state"
+    keys = load_public_keys(key_paths)
+    fetch = mqtt_fetch(uplink)
+
+    def report(kind: str, payload: dict[str, Any]) -> None:
+        uplink.record(kind, payload, time.time())
+
+    deployers = {}
+    for pl in pipelines:
+        d = Deployer(pl, state_dir=state_dir, keys=keys, profile=profile, fetch=fetch, report=report,
+                     on_state=uplink.status_changed, latency_budget_ms=args.latency_budget_ms)
+        uplink.command_sinks.append(d.on_command)
+        pl.extra_state["rollout"] = d.state
+        deployers[pl.name] = d
+    uplink.models_fn = lambda: [(pl.name, pl.version, deployers[pl.name].model_state()) for pl in pipelines]
+    log.info("rollouts on: state in %s", state_dir)
+    return list(deployers.values())
 
 
 def _drift_monitor(path: Any, name: str) -> Any:

@@ -49,8 +49,43 @@ log = logging.getLogger(__name__)
 ROLES = ("shadow", "candidate", "baseline")
 STATE_FILE = "rollout-{name}.json"
 
-# fetch(bundle, dest_dir, on_done(path), on_failed(reason)) -> a handle with .cancel()
+# fetch(bundle, dest_dir, on_done(path), on_failed(reason)) -> a handle with .cancel() or .close()
 Fetch = Callable[[dict[str, Any], Path, Callable[[Path], None], Callable[[str], None]], Any]
+
+
+def mqtt_fetch(uplink: Any, **options: Any) -> Fetch:
+    """Bundles over MQTT (:class:`edge_runtime.download.BundleFetcher`): the uplink routes the bundle's
+    messages to the fetcher and polls it from its sync thread (stalled chunks are asked for again)."""
+    from edge_runtime.download import BundleFetcher
+
+    active: list[Any] = []
+    lock = threading.Lock()
+
+    def route(topic: str, payload: bytes) -> bool:
+        with lock:
+            fetchers = list(active)
+        return any(f.on_message(topic, payload) for f in fetchers)
+
+    def poll() -> None:
+        with lock:
+            for f in [f for f in active if f.finished]:
+                active.remove(f)
+            fetchers = list(active)
+        for f in fetchers:
+            f.poll()
+
+    uplink.message_routes.append(route)
+    uplink.tick_hooks.append(poll)
+
+    def fetch(bundle: dict[str, Any], dest: Path, on_done: Callable[[Path], None],
+              on_failed: Callable[[str], None]) -> Any:
+        f = BundleFetcher(uplink.transport, bundle["bundle_id"], dest, on_done=on_done,
+                          on_failed=lambda e: on_failed(f"{getattr(e, 'reason', 'download')}: {e}"), **options)
+        with lock:
+            active.append(f)
+        f.start()
+        return f
+    return fetch
 
 
 def local_fetch(source_dir: str | Path) -> Fetch:
@@ -59,7 +94,7 @@ def local_fetch(source_dir: str | Path) -> Fetch:
     src = Path(source_dir)
 
     class _Done:
-        def cancel(self) -> None:
+        def close(self) -> None:
             pass
 
     def fetch(bundle: dict[str, Any], dest: Path, on_done: Callable[[Path], None],
@@ -84,6 +119,10 @@ def local_fetch(source_dir: str | Path) -> Fetch:
             on_done(out)
         return _Done()
     return fetch
+
+
+def _cancel(handle: Any) -> None:
+    (getattr(handle, "cancel", None) or handle.close)()
 
 
 def _copy(h: LatencyHistogram) -> LatencyHistogram:
@@ -204,7 +243,7 @@ class Deployer:
         self._stop.set()
         self._jobs.put(("stop", None))
         if self._download is not None:
-            self._download.cancel()
+            _cancel(self._download)
         if self._thread.is_alive():
             self._thread.join(10)
 
@@ -388,7 +427,7 @@ class Deployer:
             self._apply("rollback", reason)
         elif st in ("downloading", "verifying"):
             if self._download is not None:
-                self._download.cancel()
+                _cancel(self._download)
             self._set_role("baseline")
             self._apply("abort", reason)
         else:

@@ -222,6 +222,7 @@ class Pipeline:
         self.concept = concept  # a LabelTracker fed by label feedback (from the sync thread)
         self._labels_seen = 0
         self._feedback_lock = threading.Lock()
+        self.extra_state: dict[str, Callable[[], Any]] = {}  # more keys of metric snapshots (e.g. rollout)
         self._window_state: dict[str, dict[str, Any]] = {}
         self.metric_marks: dict[str, float] = {}  # when each periodic report last took a window
         self.started = time.monotonic()
@@ -682,6 +683,8 @@ class Pipeline:
         snap, self._window_state[key] = self.metrics.window(self._window_state.get(key), elapsed_s)
         self.metric_marks[key] = time.monotonic()
         snap["model_version"] = self.version
+        for name, fn in self.extra_state.items():
+            snap[name] = fn()
         snap["drift_alarm"] = bool(self.drift.open_alarms) if self.drift is not None else False
         if self.concept is not None:
             snap["accuracy"] = self.concept.accuracy

@@ -45,6 +45,7 @@ class SyncStats:
     records_set_aside: int = 0
     bad_messages: dict[str, int] = field(default_factory=dict)
     labels_received: int = 0
+    commands_received: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "bad_messages": dict(self.bad_messages)}
@@ -53,7 +54,8 @@ class SyncStats:
 class Sync:
     def __init__(self, buffer: Any, publish: Callable[[str, bytes, int, bool], int | None], device_id: str, *,
                  window: int = 4, max_batch_bytes: int = 64 * 1024, max_records: int = 1000,
-                 resend_after_s: float = 10.0, on_labels: Callable[[p.LabelFeedback], None] | None = None) -> None:
+                 resend_after_s: float = 10.0, on_labels: Callable[[p.LabelFeedback], None] | None = None,
+                 on_command: Callable[[p.Command], None] | None = None) -> None:
         self.buffer = buffer
         self.publish = publish
         self.device_id = p.validate_device_id(device_id)
@@ -62,6 +64,7 @@ class Sync:
         self.max_records = max_records
         self.resend_after_s = resend_after_s
         self.on_labels = on_labels
+        self.on_command = on_command  # rollout and config orders (retained: may repeat on every reconnect)
         self.stats = SyncStats()
         self._inflight: collections.OrderedDict[str, _InFlight] = collections.OrderedDict()
         self._inbox: collections.deque[bytes | tuple[str, bytes]] = collections.deque(maxlen=10000)
@@ -150,6 +153,13 @@ class Sync:
                 self.stats.labels_received += len(msg.labels)
                 if self.on_labels is not None:
                     self.on_labels(msg)
+            elif isinstance(msg, p.Command) and msg.device_id == self.device_id:
+                self.stats.commands_received += 1
+                if self.on_command is not None:
+                    try:
+                        self.on_command(msg)
+                    except Exception:  # an order's handler must not stop the sync loop
+                        log.exception("handling command %s failed", msg.command_id)
 
     def _apply_ack(self, ack: p.Ack) -> None:
         self.stats.acks += 1

@@ -55,15 +55,21 @@ class Uplink:
         if self.buffer.recovered_from:
             log.error("outbox was corrupt; moved aside to %s", self.buffer.recovered_from)
         self.sync = Sync(self.buffer, self._publish, self.device_id, window=cfg.window,
-                         resend_after_s=cfg.resend_after_s, on_labels=self._labels)
+                         resend_after_s=cfg.resend_after_s, on_labels=self._labels, on_command=self._command)
+        self.command_sinks: list[Callable[[p.Command], None]] = []  # rollout deployers, config
+        # (name, version, state) of each model for the retained status; None: self.models, all active
+        self.models_fn: Callable[[], list[tuple[str, str, str]]] | None = None
         # Label feedback names a prediction by the id in its record ("i"); ``label_sink`` resolves it
         # (a FeedbackRouter) and says whether the id was known.
         self._model_json: dict[str, str] = {}
         self.label_sink: Callable[[Any, Any], bool] | None = None
         self.labels_unresolved = 0
         will = p.last_will(self.device_id, self.boot_id, time_ms=int(time.time() * 1000), agent_version=__version__)
+        # Messages a component claims first (bundle chunks for a rollout's download), then the sync loop.
+        self.message_routes: list[Callable[[str, bytes], bool]] = []
+        self.tick_hooks: list[Callable[[], None]] = []  # run on the sync thread every round
         self.transport = MqttTransport(BrokerConfig.from_url(cfg.broker_url, self.device_id),
-                                       on_message=self.sync.on_message, on_connection_change=self._on_connection,
+                                       on_message=self._on_message, on_connection_change=self._on_connection,
                                        will=(will.topic, will.to_wire(), will.QOS, will.RETAIN))
         self.transport.subscribe(p.device_subscription(self.device_id), qos=1)
         self._stop = threading.Event()
@@ -90,6 +96,20 @@ class Uplink:
         for item in msg.labels:
             if self.label_sink is None or not self.label_sink(item.ref, item.label):
                 self.labels_unresolved += 1
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        for route in self.message_routes:
+            if route(topic, payload):
+                return
+        self.sync.on_message(topic, payload)
+
+    def _command(self, cmd: p.Command) -> None:
+        for sink in self.command_sinks:
+            sink(cmd)
+
+    def status_changed(self) -> None:
+        """A model's version or state changed: publish the retained status again (from the sync thread)."""
+        self._status_due = True
 
     def record(self, kind: str, payload: dict[str, Any], created: float) -> None:
         self.buffer.append(kind, json.dumps(payload, separators=(",", ":")).encode(), created)
@@ -120,8 +140,9 @@ class Uplink:
         return self.transport.publish(topic, payload, qos=qos, retain=retain)
 
     def _status(self, online: bool) -> None:
+        models = self.models_fn() if self.models_fn is not None else [(n, v, "active") for n, v in self.models]
         st = p.Status(self.device_id, online, self.boot_id, int(time.time() * 1000), __version__,
-                      tuple(p.ModelStatus(n, v, "active") for n, v in self.models))
+                      tuple(p.ModelStatus(n, v, s) for n, v, s in models))
         self.transport.publish(st.topic, st.to_wire(), qos=st.QOS, retain=st.RETAIN)
 
     def _run(self) -> None:
@@ -140,6 +161,8 @@ class Uplink:
                 self._status_due = False
                 self._status(True)
             self.sync.tick(time.monotonic())
+            for hook in self.tick_hooks:
+                hook()
         except Exception:  # the outbox or the link failed this round: log, keep serving, try again
             log.exception("sync round failed")
 
