@@ -65,3 +65,12 @@ def test_drift_in_agent_quick(models_dir: Path) -> None:
                                                          for m in ("none", "inline", "thread")}
     assert all(r["per_s"] > 0 and r["p99_us"] > 0 for r in rows)
     assert all(r["throughput_ratio"] == 1.0 for r in rows if r["monitor"] == "none")
+
+
+def test_hot_swap_quick(models_dir: Path) -> None:
+    proc = run_script("hot_swap.py", "--swaps", "2", "--hz", "400", "--models-dir", str(models_dir), "--json")
+    out = json.loads(proc.stdout)
+    assert [o["model"] for o in out] == ["digits_mlp.onnx", "cnn.onnx"]
+    for o in out:
+        assert o["swaps"] == 2 and o["outputs"] == o["unique"] == o["inputs"]
+        assert o["swap_gap_ms"]["max"] > 0 and o["normal_gap_ms"]["median"] > 0
