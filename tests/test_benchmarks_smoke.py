@@ -74,3 +74,16 @@ def test_hot_swap_quick(models_dir: Path) -> None:
     for o in out:
         assert o["swaps"] == 2 and o["outputs"] == o["unique"] == o["inputs"]
         assert o["swap_gap_ms"]["max"] > 0 and o["normal_gap_ms"]["median"] > 0
+
+
+def test_bundle_delivery_quick(tmp_path: Path) -> None:
+    out = tmp_path / "bd.json"
+    run_script("bundle_delivery.py", "--quick", "--devices", "3", "--size-mb", "1", "--out", str(out))
+    r = json.loads(out.read_text())
+    assert not r["errors"] and r["devices"] == 3
+    assert r["bundle"]["bytes"] == 1_000_000 and r["bundle"]["chunks"] == 16
+    assert r["publish_only"]["seconds"] > 0 and r["publish_only"]["max_in_flight"] <= r["window"]
+    for step, n in (("one_device", 1), ("fleet", 3)):
+        s = r[step]
+        assert s["devices"] == n and s["delivered"] == n and s["identical"] == n and s["bad_chunks"] == 0
+        assert s["seconds_to_last_verified"] > 0 and s["total_mb_per_s"] > 0

@@ -116,6 +116,25 @@ def test_acl_template_keeps_devices_to_their_own_topics(secured) -> None:
             c.close()
 
 
+
+def test_acl_template_lets_devices_read_bundles_but_not_write_them(secured) -> None:
+    cloud = V5Client(secured, "cloud-sync")
+    a = V5Client(secured, "dev-a")
+    try:
+        assert a.subscribe("edge/v1/bundles/cnn-3-0123456789ab/c/0") == 1
+        assert a.subscribe("edge/v1/bundles/cnn-3-0123456789ab/manifest") == 1
+        assert a.publish("edge/v1/bundles/cnn-3-0123456789ab/c/0") == NOT_AUTHORIZED
+        assert a.publish("edge/v1/bundles/cnn-3-0123456789ab/manifest") == NOT_AUTHORIZED
+        assert a.publish("edge/v1/bundles/other-1-0123456789ab/c/1") == NOT_AUTHORIZED
+        assert cloud.publish("edge/v1/bundles/cnn-3-0123456789ab/c/0") in ACCEPTED
+        with a.events:
+            assert a.events.wait_for(lambda: ("edge/v1/bundles/cnn-3-0123456789ab/c/0", b"x") in a.messages, 5)
+        time.sleep(0.3)
+        assert [t for t, _ in a.messages] == ["edge/v1/bundles/cnn-3-0123456789ab/c/0"]  # not its own forgeries
+    finally:
+        for c in (cloud, a):
+            c.close()
+
 def test_a_device_cannot_claim_another_client_id(secured) -> None:
     # use_username_as_clientid: the broker replaces the claimed id with the user name.
     a = V5Client(secured, "dev-a", client_id="dev-b")

@@ -90,6 +90,7 @@ class MqttTransport:
         self._on_change = on_connection_change
         self._on_publish_result = on_publish_result
         self._subs: dict[str, int] = {}
+        self._subs_lock = threading.Lock()  # subscribe/unsubscribe from any thread vs renewal on connect
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -182,7 +183,9 @@ class MqttTransport:
         self.stats.connects += 1
         log.info("connected to %s:%d as %s (session present: %s)", self.cfg.host, self.cfg.port,
                  self.cfg.client_id, getattr(flags, "session_present", None))
-        for topic, qos in self._subs.items():
+        with self._subs_lock:
+            subs = list(self._subs.items())
+        for topic, qos in subs:
             client.subscribe(topic, qos=qos)
         self._set_connected(True)
 
@@ -219,10 +222,18 @@ class MqttTransport:
     # -- API ----------------------------------------------------------------------------------
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
-        """Remembered and renewed on every connect."""
-        self._subs[topic] = qos
+        """Remembered and renewed on every connect. Any thread."""
+        with self._subs_lock:
+            self._subs[topic] = qos
         if self.connected:
             self._client.subscribe(topic, qos=qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Forget a subscription (not renewed on reconnect) and end it now when connected. Any thread."""
+        with self._subs_lock:
+            known = self._subs.pop(topic, None) is not None
+        if known and self.connected:
+            self._client.unsubscribe(topic)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
         """Hand a message to the client; its message id, or None when not connected (nothing queued)."""

@@ -26,6 +26,8 @@ payload is compact JSON with ``"v": 1``; the default size cap is 256 KiB):
 | `edge/v1/<device_id>/cmd/labels` | down | 1 | no | `LabelFeedback` |
 | `edge/v1/<device_id>/cmd/rollout` | down | 1 | yes | `Command` (action `rollout`) |
 | `edge/v1/<device_id>/cmd/config` | down | 1 | yes | `Command` (action `config`) |
+| `edge/v1/bundles/<bundle_id>/manifest` | down | 1 | yes | `BundleManifest`: one bundle file, for every device |
+| `edge/v1/bundles/<bundle_id>/c/<index>` | down | 1 | yes | raw bytes (not JSON): chunk `<index>` of that file |
 
 Payload examples, one per topic (compact JSON, wrapped here; a test decodes each and checks that
 ``to_wire()`` gives back exactly these bytes):
@@ -72,6 +74,21 @@ Why these flags:
   :class:`Event` record whose ``ref`` is the command or feedback id.
 - The device id is taken from the topic only, never from the payload: broker ACLs bind topics to
   client identities (Mosquitto ``%c``/``%u`` patterns), payload fields are not checked by anyone.
+
+Model bundles travel on their own, fleet-wide topics (:class:`BundleManifest`): the cloud publishes
+the file's chunks, then the manifest, all retained, so a device that subscribes later (offline, or
+rebooted mid-download) still finds everything; an empty retained publish on each topic withdraws a
+bundle. ``<bundle_id>`` follows the device id rules, except that ``cmd`` is refused so that no bundle
+topic can equal a device's ``cmd/`` topic. A device asks for a few chunk topics at a time (exact
+topics, never ``c/+``): a broker queues retained messages for a subscriber like any other, and
+Mosquitto drops what exceeds ``max_queued_messages`` (1000 by default) without telling anyone.
+Each chunk is ``chunk_size`` bytes (the last one the remainder) and must match its sha256 in
+``chunks``; the whole file must match ``sha256`` (abridged here):
+
+```
+manifest    {"v":1,"bundle_id":"cnn-3-5f1c0a9e7b2d","name":"cnn","version":"3","size":4300000,
+             "sha256":"5f1c0a9e7b2d...","chunk_size":65536,"chunks":["9a41...","03be...",...]}
+```
 
 Schema evolution: a receiver ignores keys it does not know, so fields can be added within ``v: 1``;
 removing or changing the meaning of a field needs ``v: 2`` (and a new ``edge/v2`` prefix).
@@ -1108,3 +1125,213 @@ class Event:
         except ProtocolError as e:
             e.seq = r.seq
             raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Model bundle delivery: one file (a bundle's .tar) as retained chunks on fleet-wide topics, so that
+# one publish serves every device, including those that connect later.
+
+BUNDLE_TOPIC_PREFIX: Final = f"{TOPIC_PREFIX}/bundles"
+DEFAULT_CHUNK_BYTES: Final = 64 * 1024
+MIN_CHUNK_BYTES: Final = 1024
+MAX_CHUNK_BYTES: Final = DEFAULT_MAX_BYTES  # a chunk is a whole message payload of its own
+MAX_BUNDLE_BYTES: Final = 512 * 1024 * 1024
+# The manifest lists one 64-hex digest per chunk (67 bytes with quotes and comma): 3072 of them stay
+# well under DEFAULT_MAX_BYTES. A 512 MiB file therefore needs 256 KiB chunks; 64 KiB chunks carry
+# files of up to 192 MiB.
+MAX_BUNDLE_CHUNKS: Final = 3072
+# "cmd" as a bundle id would make edge/v1/bundles/cmd/... look like the cmd topics of a device "bundles".
+_RESERVED_BUNDLE_IDS: Final = frozenset({"cmd"})
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_INDEX_RE = re.compile(r"0|[1-9][0-9]{0,5}")
+_ID_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def validate_bundle_id(bundle_id: object) -> str:
+    """Return ``bundle_id`` if it is a usable bundle id (the device id rules, and not ``cmd``), else
+    raise ``bad_value``."""
+    if type(bundle_id) is not str:
+        raise _bad_type("bundle_id", bundle_id, "str")
+    if _ID_RE.fullmatch(bundle_id) is None or bundle_id in _RESERVED_BUNDLE_IDS:
+        raise ProtocolError("bad_value", f"bundle_id {_clip(bundle_id, 80)!r}: expected 1-{MAX_ID_LEN} of "
+                            "A-Z a-z 0-9 _ . - starting with a letter or digit, and not 'cmd'")
+    return bundle_id
+
+
+def bundle_id_for(name: str, version: str, sha256: str) -> str:
+    """``<name>-<version>-<first 12 hex of sha256>``, with characters an id cannot hold replaced by
+    ``_`` and name and version shortened so that the id fits 64 characters. Publishing the same file
+    again gives the same id (and the same retained messages)."""
+    if type(sha256) is not str or _HEX64_RE.fullmatch(sha256) is None:
+        raise ProtocolError("bad_value", f"sha256 {_clip(repr(sha256), 80)} is not 64 lower-case hex digits")
+    n = _ID_UNSAFE_RE.sub("_", _text(name, "name"))[:32].strip("_.-") or "bundle"
+    v = _ID_UNSAFE_RE.sub("_", _text(version, "version"))[:18] or "0"
+    return validate_bundle_id(f"{n}-{v}-{sha256[:12]}")
+
+
+def bundle_manifest_topic(bundle_id: str) -> str:
+    """``edge/v1/bundles/<bundle_id>/manifest``."""
+    return f"{BUNDLE_TOPIC_PREFIX}/{validate_bundle_id(bundle_id)}/manifest"
+
+
+def bundle_chunk_topic(bundle_id: str, index: int) -> str:
+    """``edge/v1/bundles/<bundle_id>/c/<index>``: chunk ``index`` (from 0) as raw bytes."""
+    _int(index, "index", 0, MAX_BUNDLE_CHUNKS - 1)
+    return f"{BUNDLE_TOPIC_PREFIX}/{validate_bundle_id(bundle_id)}/c/{index}"
+
+
+def bundle_subscription(bundle_id: str | None = None) -> str:
+    """``edge/v1/bundles/<bundle_id>/#`` (one bundle's manifest and chunks), or with no id
+    ``edge/v1/bundles/+/manifest`` (every bundle's manifest).
+
+    Meant for the cloud and for tools. A device should not subscribe to a large bundle's chunks with
+    a wildcard: the broker queues every retained match at once and drops what exceeds its queue
+    limit (Mosquitto: ``max_queued_messages``, 1000 by default), so it asks for exact chunk topics
+    a few at a time.
+    """
+    if bundle_id is None:
+        return f"{BUNDLE_TOPIC_PREFIX}/+/manifest"
+    return f"{BUNDLE_TOPIC_PREFIX}/{validate_bundle_id(bundle_id)}/#"
+
+
+class BundleTopic(NamedTuple):
+    """A parsed bundle topic: which bundle, and ``"manifest"`` or a chunk index."""
+
+    bundle_id: str
+    part: str | int
+
+
+def parse_bundle_topic(topic: object) -> BundleTopic:
+    """Split a bundle topic into ``(bundle_id, "manifest" | index)``, or raise ``bad_topic``."""
+    if type(topic) is not str:
+        raise ProtocolError("bad_topic", f"topic is {_jtype(topic)}, expected str")
+    if len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
+        raise ProtocolError("bad_topic", f"longer than {MAX_TOPIC_BYTES} bytes", topic=topic)
+    parts = topic.split("/")
+    if not (len(parts) in (5, 6) and parts[0] == "edge" and parts[1] == "v1" and parts[2] == "bundles"):
+        raise ProtocolError("bad_topic", "expected edge/v1/bundles/<bundle_id>/manifest or "
+                            "edge/v1/bundles/<bundle_id>/c/<index>", topic=topic)
+    try:
+        bundle_id = validate_bundle_id(parts[3])
+    except ProtocolError as e:
+        raise ProtocolError("bad_topic", e.detail, topic=topic) from None
+    if len(parts) == 5:
+        if parts[4] != "manifest":
+            raise ProtocolError("bad_topic", f"expected 'manifest' at level 5, got {_clip(parts[4], 40)!r}",
+                                topic=topic)
+        return BundleTopic(bundle_id, "manifest")
+    if parts[4] != "c" or _INDEX_RE.fullmatch(parts[5]) is None or int(parts[5]) >= MAX_BUNDLE_CHUNKS:
+        raise ProtocolError("bad_topic", f"expected c/<index> with index 0..{MAX_BUNDLE_CHUNKS - 1} (no leading "
+                            f"zeros), got {_clip('/'.join(parts[4:]), 40)!r}", topic=topic)
+    return BundleTopic(bundle_id, int(parts[5]))
+
+
+def _hex64(v: object, name: str) -> str:
+    if type(v) is not str:
+        raise _bad_type(name, v, "str")
+    if _HEX64_RE.fullmatch(v) is None:
+        raise ProtocolError("bad_value", f"{name} {_clip(repr(v), 80)} is not a sha256 (64 lower-case hex digits)")
+    return v
+
+
+@dataclass(frozen=True, slots=True)
+class BundleManifest:
+    """What a device needs to fetch and check one bundle file: its size and sha256, and the sha256 of
+    every chunk, so that each chunk is checked as it arrives and a bad one is named.
+
+    Chunk ``i`` is bytes ``[i * chunk_size, min(size, (i + 1) * chunk_size))`` of the file. Retained
+    on :func:`bundle_manifest_topic`, published after all chunks (a device that sees it finds them).
+    Validated like every message: sizes consistent, ``len(chunks) == ceil(size / chunk_size)``,
+    digests 64 lower-case hex, ``size`` at most :data:`MAX_BUNDLE_BYTES`, ``chunk_size`` within
+    :data:`MIN_CHUNK_BYTES`..:data:`MAX_CHUNK_BYTES`, at most :data:`MAX_BUNDLE_CHUNKS` chunks.
+    """
+
+    QOS: ClassVar[int] = 1
+    RETAIN: ClassVar[bool] = True
+
+    bundle_id: str
+    name: str
+    version: str
+    size: int
+    sha256: str
+    chunk_size: int
+    chunks: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        validate_bundle_id(self.bundle_id)
+        _text(self.name, "name")
+        _text(self.version, "version")
+        _int(self.size, "size", 1, MAX_BUNDLE_BYTES)
+        _hex64(self.sha256, "sha256")
+        _int(self.chunk_size, "chunk_size", MIN_CHUNK_BYTES, MAX_CHUNK_BYTES)
+        chunks = _list(self.chunks, "chunks")
+        want = -(-self.size // self.chunk_size)
+        if len(chunks) != want:
+            raise ProtocolError("bad_value", f"chunks has {len(chunks)} digests, expected {want} "
+                                f"(ceil(size {self.size} / chunk_size {self.chunk_size}))")
+        if want > MAX_BUNDLE_CHUNKS:
+            raise ProtocolError("bad_value", f"{want} chunks > {MAX_BUNDLE_CHUNKS}: use a larger chunk_size")
+        _set(self, "chunks", tuple(_hex64(c, f"chunks[{i}]") for i, c in enumerate(chunks)))
+
+    @property
+    def topic(self) -> str:
+        return bundle_manifest_topic(self.bundle_id)
+
+    @property
+    def count(self) -> int:
+        """How many chunks the file has."""
+        return len(self.chunks)
+
+    def chunk_topic(self, index: int) -> str:
+        return bundle_chunk_topic(self.bundle_id, index)
+
+    def chunk_span(self, index: int) -> tuple[int, int]:
+        """``(offset, length)`` of chunk ``index`` in the file."""
+        _int(index, "index", 0, self.count - 1)
+        offset = index * self.chunk_size
+        return offset, min(self.chunk_size, self.size - offset)
+
+    def to_wire(self, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+        return _finish({"v": VERSION, "bundle_id": self.bundle_id, "name": self.name, "version": self.version,
+                        "size": self.size, "sha256": self.sha256, "chunk_size": self.chunk_size,
+                        "chunks": self.chunks}, max_bytes)
+
+    @classmethod
+    def from_wire(cls, payload: bytes | bytearray | memoryview, topic: str | None = None, *,
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> BundleManifest:
+        """Decode and validate; with ``topic``, it must be this bundle's manifest topic (the topic is what
+        the broker's ACL vouches for, so its id must agree with the payload's)."""
+        try:
+            topic_id = None
+            if topic is not None:
+                topic_id, part = parse_bundle_topic(topic)
+                if part != "manifest":
+                    raise ProtocolError("bad_topic", "a chunk topic, expected .../manifest")
+            o = _load(payload, max_bytes)
+            m = cls(_get(o, "bundle_id"), _get(o, "name"), _get(o, "version"), _get(o, "size"), _get(o, "sha256"),
+                    _get(o, "chunk_size"), _get(o, "chunks"))
+            if topic_id is not None and m.bundle_id != topic_id:
+                raise ProtocolError("bad_value", f"bundle_id {m.bundle_id!r} differs from the topic's {topic_id!r}")
+        except ProtocolError as e:
+            e.topic = topic
+            raise
+        return m
+
+
+# The bundle-delivery names, appended with their section.
+__all__ += [
+    "BUNDLE_TOPIC_PREFIX",
+    "DEFAULT_CHUNK_BYTES",
+    "MAX_BUNDLE_BYTES",
+    "MAX_BUNDLE_CHUNKS",
+    "MAX_CHUNK_BYTES",
+    "MIN_CHUNK_BYTES",
+    "BundleManifest",
+    "BundleTopic",
+    "bundle_chunk_topic",
+    "bundle_id_for",
+    "bundle_manifest_topic",
+    "bundle_subscription",
+    "parse_bundle_topic",
+    "validate_bundle_id",
+]
