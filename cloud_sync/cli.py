@@ -1,5 +1,6 @@
 """`cloud-sync ...`: the fleet side. `serve` ingests device records over MQTT into a store and acks them;
-`export` streams stored records out as CSV, JSON lines or Parquet."""
+`export` streams stored records out as CSV, JSON lines or Parquet; `status`, `devices`, `alerts` and
+`rollout ...` talk to a running server's JSON API."""
 
 from __future__ import annotations
 
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--token", default=os.environ.get("CLOUD_SYNC_TOKEN"), metavar="T",
                            help="bearer token (default $CLOUD_SYNC_TOKEN)")
 
+    _add_rollout_parser(sub)
+
     e = sub.add_parser("export", help="write stored records out as CSV, JSON lines or Parquet",
                        description="Stream the records of a store (oldest first, page by page: the whole table is "
                                    "never loaded) to a file or stdout. Columns: device_id, boot_id, seq, kind, "
@@ -109,6 +112,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a progress line on stderr every N rows (default 100000; 0: none)")
     e.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
+
+
+def _add_rollout_parser(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("CLOUD_SYNC_URL", "http://127.0.0.1:8080"),
+                        help="the server (default $CLOUD_SYNC_URL or http://127.0.0.1:8080)")
+    common.add_argument("--token", default=os.environ.get("CLOUD_SYNC_TOKEN"), metavar="T",
+                        help="bearer token for changes (default $CLOUD_SYNC_TOKEN)")
+    common.add_argument("--by", default=os.environ.get("USER", "cli"), help="who acts (default $USER)")
+    common.add_argument("--json", action="store_true", help="print the API's JSON")
+    common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    r = sub.add_parser("rollout", help="model rollouts: start, status, approve, reject, pause, resume, rollback",
+                       description="Model rollouts on a running `cloud-sync serve` (its JSON API): a plan "
+                                   "(cloud_sync/plan.example.toml) moves a bundle through shadow and ramp stages, "
+                                   "judged by the plan's gates.")
+    acts = r.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
+    s = acts.add_parser("start", parents=[common], help="start a rollout of a bundle under a plan",
+                        description="Send the plan and the bundle's path to the server, which checks both against "
+                                    "the fleet, publishes the bundle and orders the first stage.")
+    s.add_argument("plan", metavar="PLAN.toml", help="the rollout plan (read here, sent as text)")
+    s.add_argument("--bundle", required=True, metavar="PATH",
+                   help="the bundle (.tar or directory) as a path on the server's machine")
+    s = acts.add_parser("status", parents=[common], help="every rollout, or one in detail")
+    s.add_argument("id", nargs="?", metavar="ID", help="a rollout id: its devices, gates and log")
+    for name, what in (("approve", "approve what the rollout waits for (enter the next stage)"),
+                       ("reject", "refuse what the rollout waits for: roll back"),
+                       ("pause", "stop advancing; devices keep their roles"),
+                       ("resume", "go on after a pause"),
+                       ("rollback", "every device back to the previous version")):
+        s = acts.add_parser(name, parents=[common], help=what)
+        s.add_argument("id", metavar="ID", help="the rollout id")
+        if name in ("reject", "pause", "rollback"):
+            s.add_argument("--reason", default="requested from the command line" if name == "rollback" else "",
+                           metavar="R", help="why (kept in the rollout's log)")
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -351,7 +388,7 @@ def start_web(hub: Any, host: str, port: int, token: str | None) -> Any:
 # -- client commands: status, devices, alerts ------------------------------------------------------
 
 def _api(url: str, path: str, *, method: str = "GET", body: dict[str, Any] | None = None,
-         token: str | None = None) -> Any:
+         token: str | None = None, timeout: float = 10.0) -> Any:
     import urllib.error
     import urllib.request
 
@@ -366,7 +403,7 @@ def _api(url: str, path: str, *, method: str = "GET", body: dict[str, Any] | Non
         headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace")[:300]
@@ -438,6 +475,81 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gates_text(gates: list[dict[str, Any]]) -> str:
+    def short(v: Any) -> str:
+        return "?" if v is None else f"{v:.3f}".rstrip("0").rstrip(".")
+
+    return "; ".join(f"{g.get('name')} {short(g.get('value'))} {g.get('op')} {short(g.get('limit'))}: "
+                     f"{g.get('status')}" for g in gates) or "-"
+
+
+def _rollout_line(r: dict[str, Any]) -> str:
+    pending = r.get("pending_approval")
+    wait = f"; waits for approval of {pending.get('to_stage')}" if pending else ""
+    return (f"{r.get('id')}: {r.get('model')} {r.get('versions')}, level {r.get('level')}, {r.get('state')} at "
+            f"{r.get('stage')}{wait}")
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from edge_runtime.errors import EdgeRuntimeError
+
+    action = args.rollout_command
+    if action == "start":
+        try:
+            text = Path(args.plan).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgeRuntimeError(f"cannot read the plan {args.plan}: {e}") from None
+        local = Path(args.bundle)
+        bundle = str(local.resolve()) if local.exists() else args.bundle
+        out = _api(args.url, "/api/v1/rollouts", method="POST", token=args.token, timeout=600,
+                   body={"plan": text, "plan_name": args.plan, "bundle": bundle, "by": args.by})
+        print(json.dumps(out, indent=2) if args.json else f"started {_rollout_line(out)} on {out.get('devices')} "
+              f"device(s)")
+        return 0
+    if action == "status":
+        if args.id is None:
+            rows = _api(args.url, "/api/v1/rollouts")
+            if args.json:
+                print(json.dumps(rows, indent=2))
+                return 0
+            table = [[r.get("id"), r.get("model"), r.get("versions"), r.get("level"), r.get("state"), r.get("stage"),
+                      ", ".join(f"{k} {v}" for k, v in (r.get("cohorts") or {}).items() if v) or "-",
+                      (r.get("pending_approval") or {}).get("to_stage")] for r in rows]
+            print(_table(table, ["id", "model", "versions", "level", "state", "stage", "orders", "awaits"])
+                  if table else "no rollouts")
+            return 0
+        r = _api(args.url, f"/api/v1/rollouts/{quote(args.id, safe='')}")
+        if args.json:
+            print(json.dumps(r, indent=2))
+            return 0
+        print(_rollout_line(r))
+        print(f"stages: {' -> '.join(r.get('stages') or [])}; bundle {(r.get('bundle') or {}).get('bundle_id')}; "
+              f"started by {r.get('started_by')}")
+        print(f"gates: {_gates_text(r.get('gates') or [])}")
+        if r.get("reason"):
+            print(f"planner: {r['reason']}")
+        devices = [[a.get("device_id"), a.get("role"), a.get("device_state"), (a.get("reported") or {}).get("role"),
+                    (a.get("reported") or {}).get("state"), (a.get("reported") or {}).get("samples"),
+                    a.get("serving_version")] for a in r.get("assignment") or []]
+        if devices:
+            print(_table(devices, ["device", "ordered", "device_state", "reports", "rollout_state", "samples",
+                                   "serves"]))
+        for ev in (r.get("events") or [])[-10:]:
+            when = datetime.fromtimestamp(ev["time_ms"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{when}  {ev.get('actor')}: {ev.get('what')} -> {ev.get('state')} at {ev.get('stage')}: "
+                  f"{ev.get('why')}")
+        return 0
+    body: dict[str, Any] = {"by": args.by}
+    if getattr(args, "reason", ""):
+        body["reason"] = args.reason
+    out = _api(args.url, f"/api/v1/rollouts/{quote(args.id, safe='')}/{action}", method="POST", body=body,
+               token=args.token)
+    print(json.dumps(out, indent=2) if args.json else f"{action}: {_rollout_line(out)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_attach_ages(sys.argv[1:] if argv is None else argv))
@@ -450,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return {"serve": cmd_serve, "export": cmd_export, "status": cmd_status, "devices": cmd_devices,
-                "alerts": cmd_alerts}[args.command](args)
+                "alerts": cmd_alerts, "rollout": cmd_rollout}[args.command](args)
     except EdgeRuntimeError as e:
         log.error("%s", e)
         return 1

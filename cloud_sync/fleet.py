@@ -29,6 +29,10 @@ of the merge of its devices' latest summaries, which is the highest of their lat
 drift alarm is open or closed as the newest of these says: its latest summary (an alarm still open),
 ``drift_alarm``/``drift_cleared`` events, the ``drift_alarm`` flag of its metric snapshots. A new boot
 closes its alarms (the monitor starts afresh), and so does a move to another version of the model.
+
+Rollouts. A pipeline's snapshot may carry a ``rollout`` object, the device's place in a model rollout
+(:mod:`cloud_sync.rollouts`); rows keep the newest one per pipeline (known keys only, typed), and a
+snapshot without one keeps what its boot said last.
 """
 
 from __future__ import annotations
@@ -139,6 +143,44 @@ class _Fields:
         if len(out) != len(o):
             self.odd += 1
         return out
+
+
+_ROLLOUT_TEXT: Final = ("rollout_id", "state", "role")
+_SHADOW_NUMBERS: Final = ("agreement_rate", "delta_mean", "delta_std", "latency_p50_ms", "latency_p99_ms", "error_rate")
+_MAX_REASON: Final = 256
+
+
+def _rollout_report(f: _Fields) -> dict[str, Any] | None:
+    """A pipeline's ``rollout`` object as the device reported it (see :mod:`cloud_sync.rollouts`), with
+    only the known keys of the right types; None when the device reports none."""
+    o = f.obj("rollout")
+    if o is None:
+        return None
+    r = _Fields(o)
+    out: dict[str, Any] = {}
+    for k in _ROLLOUT_TEXT:  # names, not numbers
+        v = o.get(k)
+        out[k] = v if r._check(k, type(v) is str and 0 < len(v) <= p.MAX_TEXT_LEN) else None
+    out["candidate_version"] = r.text("candidate_version")
+    out["since_ms"] = r.count("since_ms")
+    out["samples"] = r.count("samples")
+    reason = o.get("reason")
+    out["reason"] = reason[:_MAX_REASON] if type(reason) is str else None
+    shadow = r.obj("shadow")
+    if shadow is not None:
+        s = _Fields(shadow)
+        out["shadow"] = {"n": s.count("n"), "errors": s.count("errors"), **{k: s.num(k) for k in _SHADOW_NUMBERS}}
+        r.odd += s.odd
+    else:
+        out["shadow"] = None
+    f.odd += r.odd
+    return out
+
+
+def _copy_rollout(r: dict[str, Any] | None) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    return {**r, "shadow": None if r.get("shadow") is None else dict(r["shadow"])}
 
 
 def _rate(part: int | None, whole: int | None) -> float | None:
@@ -252,6 +294,7 @@ class _Pipe:
     drift_alarm: bool | None = None
     labels: dict[str, int] | None = None
     error_kinds: dict[str, int] | None = None
+    rollout: dict[str, Any] | None = None
 
     @property
     def error_rate(self) -> float | None:
@@ -267,7 +310,8 @@ class _Pipe:
                 "error_rate": _round(self.error_rate), "low_confidence_rate": _round(self.low_confidence_rate),
                 "accuracy": self.accuracy, "labelled": self.labelled, "drift_alarm": self.drift_alarm,
                 "window_s": self.window_s, "counters": dict(self.counters),
-                "errors": dict(self.error_kinds or {}), "labels": dict(self.labels or {})}
+                "errors": dict(self.error_kinds or {}), "labels": dict(self.labels or {}),
+                "rollout": _copy_rollout(self.rollout)}
 
 
 @dataclass(eq=False)
@@ -690,9 +734,12 @@ class FleetState:
         for k, d in deltas.items():
             totals[k] += d
         drift_alarm = f.flag("drift_alarm")
+        # A snapshot that does not say keeps what the boot said last.
+        kept = prev.rollout if same_boot and prev is not None else None
+        rollout = _rollout_report(f) if "rollout" in f.d else kept
         dev.pipes[name] = _Pipe(boot_id, time_ms, version, counters, deltas, throughput, p50_ms, p99_ms,
                                 f.num("window_s"), f.num("accuracy"), f.count("labelled"), drift_alarm,
-                                f.counts("labels"), error_kinds)
+                                f.counts("labels"), error_kinds, rollout)
         if prev is None or prev.model_version != version:
             self._retire(dev)
         if drift_alarm is not None:
@@ -777,6 +824,28 @@ class FleetState:
         if dev is None:
             return None
         row = self._row(dev, now_ms)
+        return {
+            **row, "first_seen_ms": dev.first_seen_ms, "status_ms": dev.status_ms,
+            "status_time_ms": dev.status_time_ms, "offline_since_ms": dev.offline_since_ms, "restarts": dev.restarts,
+            "telemetry_ms": dev.telemetry_ms, "gauges": dict(dev.gauges), "gauges_time_ms": dev.gauges_time_ms,
+            "versions": self._versions(dev), "events": list(dev.events), "event_counts": dict(dev.event_counts),
+            "bad_payload": dict(dev.bad_payload),
+            "series": {name: [[t, v] for t, v in s.points()] for name, s in sorted(dev.series.items())},
+        }
+
+    def device_versions(self, device_id: str) -> list[dict[str, Any]]:
+        """:meth:`device`'s ``versions`` alone (counts, labels, drift per model version), without
+        building the rest; empty for a device never seen."""
+        dev = self._devices.get(device_id)
+        return [] if dev is None else self._versions(dev)
+
+    def device_events(self, device_id: str) -> list[dict[str, Any]]:
+        """:meth:`device`'s ``events`` alone (the latest, oldest first); empty for a device never seen."""
+        dev = self._devices.get(device_id)
+        return [] if dev is None else list(dev.events)
+
+    def _versions(self, dev: _Device) -> list[dict[str, Any]]:
+        device_id = dev.id
         labelled = {k for k, v in self._labels.items() if device_id in v}
         keys = set(dev.totals) | set(dev.preds) | set(dev.drift) | labelled
         per_version = []
@@ -794,14 +863,7 @@ class FleetState:
                                                  "current": d.current},
                 "alarm": dev.alarm_open((m, v)),
             })
-        return {
-            **row, "first_seen_ms": dev.first_seen_ms, "status_ms": dev.status_ms,
-            "status_time_ms": dev.status_time_ms, "offline_since_ms": dev.offline_since_ms, "restarts": dev.restarts,
-            "telemetry_ms": dev.telemetry_ms, "gauges": dict(dev.gauges), "gauges_time_ms": dev.gauges_time_ms,
-            "versions": per_version, "events": list(dev.events), "event_counts": dict(dev.event_counts),
-            "bad_payload": dict(dev.bad_payload),
-            "series": {name: [[t, v] for t, v in s.points()] for name, s in sorted(dev.series.items())},
-        }
+        return per_version
 
     def series(self, device_id: str, name: str) -> list[tuple[int, float]]:
         """The points of one device series (one of :data:`SERIES`), oldest first."""

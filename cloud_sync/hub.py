@@ -7,7 +7,8 @@ transition is persisted and sent to the rule's sinks (log, an MQTT topic, a webh
 ``retrain`` that fires records a retraining request and runs the configured command (or publishes the
 request on a topic). Low-confidence predictions enter the review queue (size-capped per device and
 hour, and only the prediction record, never raw inputs); a person's verdict goes back to the device as
-label feedback and into the fleet's accuracy.
+label feedback and into the fleet's accuracy. Model rollouts (:class:`~cloud_sync.rollouts.RolloutService`,
+``rollouts_service``) are judged on every tick.
 
 One re-entrant lock guards it all: the ingest worker and the web server's threads share it.
 """
@@ -30,6 +31,7 @@ from typing import Any
 
 from cloud_sync.fleet import FleetState
 from cloud_sync.ingest import Ingest
+from cloud_sync.rollouts import RolloutService
 from cloud_sync.rules import ALERTS_SCHEMA, AlertError, AlertManager, AlertTransition, RuleSet, load_rules
 from cloud_sync.store import open_store
 from edge_runtime.core import protocol as p
@@ -46,7 +48,8 @@ class Hub:
                  clock: Callable[[], float] = time.time, evaluate_every_ms: int = 1000,
                  review_below: float | None = 0.5, review_per_device_hour: int = 20,
                  retrain_command: str | None = None, retrain_topic: str | None = None,
-                 retrain_dir: str | Path | None = None, replay_s: float = 3600.0) -> None:
+                 retrain_dir: str | Path | None = None, replay_s: float = 3600.0, bundle_transport: Any = None,
+                 bundle_window: Any = None, bundles_dir: str | Path | None = None) -> None:
         self.store = store
         self.rules = rules
         self.publish = publish
@@ -66,6 +69,8 @@ class Hub:
         self.counters = {"alert_transitions": 0, "sink_failures": 0, "reviews_added": 0, "retrain_requests": 0}
         self._webhooks: queue.Queue[tuple[str, float, bytes]] = queue.Queue(maxsize=1000)
         self._webhook_thread: threading.Thread | None = None
+        self.rollouts_service = RolloutService(self, publish, transport=bundle_transport, window=bundle_window,
+                                               bundles_dir=bundles_dir, clock=clock)
         if replay_s > 0:
             self.replay(self.now_ms() - int(replay_s * 1000))
 
@@ -143,9 +148,15 @@ class Hub:
             f.observe_telemetry(msg, now_ms)
 
     def tick(self, now_ms: int | None = None) -> list[AlertTransition]:
-        """Evaluate rules without a message (devices that went silent); the service calls it every second."""
+        """Evaluate rules without a message (devices that went silent) and move rollouts on; the service
+        calls it every second."""
         with self.lock:
-            return self.evaluate(self.now_ms() if now_ms is None else now_ms)
+            now = self.now_ms() if now_ms is None else now_ms
+            try:
+                self.rollouts_service.tick(now)
+            except Exception:  # rollouts never stop the alerts
+                log.exception("rollout evaluation failed")
+            return self.evaluate(now)
 
     # -- alerts ----------------------------------------------------------------------------------------
 
@@ -197,6 +208,21 @@ class Hub:
             except Exception as e:  # a sink's failure never stops ingest
                 self.counters["sink_failures"] += 1
                 log.warning("alert sink %s failed: %s", name, e)
+
+    def notify(self, body: dict[str, Any], message: str) -> None:
+        """Something people should know that is not an alert (a rollout waiting for approval): the log,
+        and every MQTT and webhook sink of the rules file."""
+        log.warning("%s", message)
+        data = json.dumps(body, separators=(",", ":")).encode()
+        for name, sink in (self.rules.sinks if self.rules is not None else {}).items():
+            try:
+                if sink.type == "mqtt" and sink.topic and self.publish is not None:
+                    self.publish(sink.topic, data, 1, False)
+                elif sink.type == "webhook" and sink.url:
+                    self._webhook(sink.url, sink.timeout_s or 5.0, data)
+            except Exception as e:  # a sink's failure never stops the caller
+                self.counters["sink_failures"] += 1
+                log.warning("sink %s failed: %s", name, e)
 
     def _webhook(self, url: str, timeout_s: float, body: bytes) -> None:
         """Queue a POST; one background thread sends them, so a slow endpoint never blocks ingest."""
@@ -386,7 +412,8 @@ class Hub:
             return self.fleet.drift(self.now_ms())
 
     def rollouts(self) -> list[dict[str, Any]]:
-        return []
+        """Every rollout's summary, the newest first (details: ``rollouts_service.detail``)."""
+        return self.rollouts_service.list()
 
     def close(self) -> None:
         self.store.close()

@@ -2,7 +2,9 @@
 
 MQTT callbacks only enqueue (bounded); one worker thread validates, commits and acks in order.
 With MQTT 5 the records subscription is shared (``$share/<group>/...``) so several workers split the
-load; the embedded broker speaks MQTT 3.1.1, where one plain subscription is used.
+load; the embedded broker speaks MQTT 3.1.1, where one plain subscription is used. The worker also
+ticks the hub every second (alert rules about silence, rollouts); bundles for rollouts go out on the
+same connection, their acknowledgements counted by a :class:`~cloud_sync.distribute.PublishWindow`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from cloud_sync.distribute import PublishWindow
 from cloud_sync.hub import Hub
 from cloud_sync.rules import RuleSet
 from cloud_sync.store import open_store
@@ -33,8 +36,12 @@ class IngestService:
         cfg = BrokerConfig.from_url(broker_url, client_id)
         if username:
             cfg = BrokerConfig(**{**cfg.__dict__, "username": username, "password": password})
-        self.transport = MqttTransport(cfg, on_message=self._enqueue)
-        self.hub = Hub(self.store, rules=rules, publish=self._publish, **hub_options)
+        # Bundle publishes wait for their broker acknowledgements through the window.
+        self.window = PublishWindow()
+        self.transport = MqttTransport(cfg, on_message=self._enqueue, on_publish_result=self.window.on_result,
+                                       on_connection_change=self._connection)
+        self.hub = Hub(self.store, rules=rules, publish=self._publish, bundle_transport=self.transport,
+                       bundle_window=self.window, **hub_options)
         self.ingest = self.hub.ingest
         self.queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=queue_size)
         self.dropped_full = 0
@@ -46,8 +53,13 @@ class IngestService:
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="ingest", daemon=True)
 
-    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        self.transport.publish(topic, payload, qos=qos, retain=retain)
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+        """False when the transport did not take the message (not connected)."""
+        return self.transport.publish(topic, payload, qos=qos, retain=retain) is not None
+
+    def _connection(self, up: bool) -> None:
+        if up and hasattr(self, "hub"):  # a broker may have lost its retained messages: rollout orders again
+            self.hub.rollouts_service.resend()
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
         try:
@@ -65,7 +77,7 @@ class IngestService:
                 try:
                     self.hub.tick()
                 except Exception:
-                    log.exception("alert evaluation failed")
+                    log.exception("alert and rollout evaluation failed")
             if time.monotonic() >= next_prune and (self.keep_predictions_s or self.keep_history_s):
                 next_prune = time.monotonic() + 600.0
                 self.prune()

@@ -1,6 +1,6 @@
 """The cloud's store: device records deduplicated on their key, the tables the dashboard and the
-workflows read (metrics, drift summaries, events, alerts, retrain requests, the review queue), and
-retention.
+workflows read (metrics, drift summaries, events, alerts, retrain requests, the review queue, model
+rollouts), and retention.
 
 SQLite by default (:class:`Store`: WAL, one writer); PostgreSQL (:mod:`cloud_sync.store_postgres`)
 for fleets that outgrow one box. :func:`open_store` picks one from a path or URL. Every query lives
@@ -201,6 +201,12 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     label TEXT, reviewed_by TEXT, reviewed_ms BIGINT
 )""",
         "CREATE INDEX review_queue_by_state ON review_queue (state, created_ms)",
+    )),
+    Migration(4, "model rollouts", sql=(
+        """CREATE TABLE rollouts (
+    id TEXT PRIMARY KEY, state TEXT NOT NULL, payload TEXT NOT NULL, updated_ms BIGINT NOT NULL
+)""",
+        "CREATE INDEX rollouts_by_state ON rollouts (state, updated_ms)",
     )),
 )
 
@@ -566,6 +572,30 @@ class BaseStore:
             raise StateError(f"no review {review_id!r}", where=self.where)
         raise StateError(f"review {review_id!r} is already {row[0]} (by {row[1]}), expected pending",
                          where=self.where)
+
+    def upsert_rollout(self, rollout_id: str, *, state: str, payload: dict[str, Any], updated_ms: int) -> None:
+        """Create the rollout or replace its state and payload (one row per rollout id)."""
+        with self._session(write=True) as ex:
+            ex.execute("INSERT INTO rollouts (id, state, payload, updated_ms) VALUES (?,?,?,?) "
+                       "ON CONFLICT (id) DO UPDATE SET state = excluded.state, payload = excluded.payload, "
+                       "updated_ms = excluded.updated_ms", (rollout_id, state, _dumps(payload), updated_ms))
+
+    def rollouts(self, state: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Rollouts in ``state`` (one or several; all when None), the oldest first."""
+        q = "SELECT id, state, payload, updated_ms FROM rollouts"
+        states = [state] if isinstance(state, str) else list(state or ())
+        if states:
+            q += f" WHERE state IN ({','.join('?' * len(states))})"
+        rows = self._query(q + " ORDER BY updated_ms, id", states)
+        return [{"id": i, "state": st, "payload": _loads(pl), "updated_ms": u} for i, st, pl, u in rows]
+
+    def rollout(self, rollout_id: str) -> dict[str, Any] | None:
+        """One rollout by id, or None."""
+        rows = self._query("SELECT id, state, payload, updated_ms FROM rollouts WHERE id = ?", [rollout_id])
+        if not rows:
+            return None
+        i, st, pl, u = rows[0]
+        return {"id": i, "state": st, "payload": _loads(pl), "updated_ms": u}
 
     # -- reads (dashboard, export, tests) -----------------------------------------------------------
 

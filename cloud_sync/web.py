@@ -61,6 +61,8 @@ __all__ = [
     "MODEL_COLUMNS",
     "PIPELINE_COLUMNS",
     "REVIEW_COLUMNS",
+    "ROLLOUT_ACTIONS",
+    "ROLLOUT_COLUMNS",
     "STATIC_DIR",
     "TEMPLATES_DIR",
     "TOKEN_ENV",
@@ -82,9 +84,11 @@ MAX_BODY_BYTES: Final = 16 * 1024
 API: Final = "/api/v1"
 
 ALERT_STATES: Final = ("firing", "acknowledged", "resolved")
+ROLLOUT_ACTIONS: Final = ("approve", "reject", "pause", "resume", "rollback")
 REVIEW_STATES: Final = ("pending", "confirmed", "corrected")
 _MAX_BY: Final = 128
 _MAX_LABEL: Final = 128
+_MAX_REASON: Final = 256
 _SAFE_METHODS: Final = frozenset(("GET", "HEAD", "OPTIONS"))
 _NO_TOKEN_HELP: Final = (f"this server runs without a token, so it accepts changes only from this machine "
                          f"(loopback); start it with --token or set {TOKEN_ENV} to allow them from elsewhere")
@@ -204,6 +208,21 @@ PIPELINE_COLUMNS: Final = (
     Column("accuracy", "Reported acc.", "pct"),
     Column("time_ms", "Snapshot (UTC)", "time"),
 )
+ROLLOUT_COLUMNS: Final = (
+    Column("id", "Rollout"),
+    Column("model", "Model"),
+    Column("versions", "Versions", "text", "the version devices run -> the candidate"),
+    Column("level", "Level", "int", "automation level: 1 human-led ... 5 machine-controlled"),
+    Column("state", "State", "state"),
+    Column("stage", "Stage"),
+    Column("cohorts", "Orders", "cohorts", "devices ordered into each role"),
+    Column("gates", "Gates", "gates", "the latest gate results: value, limit, verdict"),
+    Column("pending_approval.to_stage", "Awaits approval of", "text",
+           "approve to enter this stage, reject to roll back"),
+    Column("reason", "Planner", "text", "what the planner said last"),
+    Column("updated_ms", "Changed (UTC)", "time"),
+    Column("id", "", "approval"),
+)
 EVENT_COLUMNS: Final = (
     Column("time_ms", "Time (UTC)", "time"),
     Column("severity", "Severity", "severity"),
@@ -232,10 +251,26 @@ def _finite(v: Any) -> bool:
     return (type(v) is int or type(v) is float) and math.isfinite(v)
 
 
+def _short(v: Any) -> str:
+    """A gate value: at most three decimals, no trailing zeros (app.js: short())."""
+    if not _finite(v):
+        return "?" if v is None else str(v)
+    return f"{v:.3f}".rstrip("0").rstrip(".")
+
+
 def format_value(fmt: str, value: Any, row: Mapping[str, Any] | None = None) -> str:
     """A cell's text as static/app.js writes it (``fmt`` of a :class:`Column`)."""
     if fmt == "models":
         return _format_models(value, row or {})
+    if fmt == "cohorts":
+        parts = [f"{k} {v}" for k, v in value.items() if v] if isinstance(value, Mapping) else []
+        return ", ".join(parts) if parts else _EMPTY
+    if fmt == "gates":
+        gates = [g for g in value if isinstance(g, Mapping)] if isinstance(value, list) else []
+        return "; ".join(f"{g.get('name')} {_short(g.get('value'))} {g.get('op')} {_short(g.get('limit'))}: "
+                         f"{g.get('status')}" for g in gates) if gates else _EMPTY
+    if fmt == "approval":
+        return ""
     if fmt == "alarm":
         return "ALARM" if value else "no" if value is False else _EMPTY
     if value is None or value == "":
@@ -272,15 +307,6 @@ def _rows(data: Any) -> list[dict[str, Any]]:
     if isinstance(data, Mapping):
         return [{"name": k, **v} for k, v in data.items() if isinstance(v, Mapping)]
     return [r for r in data or () if isinstance(r, Mapping)]
-
-
-def _generic_columns(rows: Sequence[Mapping[str, Any]]) -> tuple[Column, ...]:
-    """Columns for rows of no fixed shape (rollouts): their keys, id and name first."""
-    keys: list[str] = []
-    for r in rows:
-        keys.extend(k for k in r if k not in keys)
-    keys.sort(key=lambda k: (k not in ("id", "name"), k))
-    return tuple(Column(k, k.replace("_", " "), "time" if k.endswith("_ms") else "text") for k in keys)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,6 +442,15 @@ def _label(body: Mapping[str, Any]) -> int | str:
                       f"got {type(label).__name__} {label!r:.80}")
 
 
+def _reason(body: Mapping[str, Any], *, required: bool) -> str:
+    reason = body.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > _MAX_REASON or not (reason.isprintable() or not reason):
+        raise _BadRequest(f"'reason' must be printable text of at most {_MAX_REASON} characters, got {reason!r:.80}")
+    if required and not reason.strip():
+        raise _BadRequest("missing 'reason': say why (it goes into the rollout's log)")
+    return reason.strip()
+
+
 def _state_param(request: Request, allowed: Sequence[str], default: str | None) -> str | None:
     state = request.query_params.get("state") or default
     if state is not None and state != "all" and state not in allowed:
@@ -506,9 +541,8 @@ def create_app(hub: Any, *, token: str | None, static_dir: str | Path = STATIC_D
                     states=("all", *REVIEW_STATES), source=source, columns=REVIEW_COLUMNS)
 
     def rollouts_page(request: Request) -> Response:
-        rows = _rows(hub.rollouts())
-        return page(request, "rollouts.html", title="Rollouts", nav="rollouts", rollouts=rows,
-                    columns=_generic_columns(rows))
+        return page(request, "rollouts.html", title="Rollouts", nav="rollouts", rollouts=hub.rollouts(),
+                    columns=ROLLOUT_COLUMNS)
 
     def _all_reviews(limit: int) -> list[dict[str, Any]]:
         items = [i for s in REVIEW_STATES for i in hub.review_items(s, limit)]
@@ -583,6 +617,62 @@ def create_app(hub: Any, *, token: str | None, static_dir: str | Path = STATIC_D
     def api_rollouts(request: Request) -> Response:
         return _json(hub.rollouts())
 
+    def api_rollout(request: Request) -> Response:
+        rollout_id = request.path_params["rollout_id"]
+        try:
+            return _json(hub.rollouts_service.detail(rollout_id))
+        except KeyError:
+            raise HTTPException(404, f"no rollout {rollout_id!r}") from None
+
+    def _rollout_refusal(e: Exception) -> Response:
+        from cloud_sync import planner
+        from cloud_sync.rollouts import BundlePublishError, RolloutConflict
+
+        if isinstance(e, BundlePublishError):
+            return _refuse(503, "unavailable", str(e))
+        if isinstance(e, RolloutConflict | planner.IllegalAction):
+            return _refuse(409, "conflict", str(e))
+        return _refuse(400, "bad_request", str(e))
+
+    async def api_rollout_start(request: Request) -> Response:
+        from cloud_sync import planner
+
+        body = await _json_body(request, required=True)
+        by = _by(body)
+        text, bundle = body.get("plan"), body.get("bundle")
+        if not isinstance(text, str) or not text.strip():
+            raise _BadRequest("missing 'plan': the plan's TOML text")
+        if not isinstance(bundle, str) or not bundle.strip():
+            raise _BadRequest("missing 'bundle': the path of the bundle (.tar or directory) on this server")
+        try:
+            plan = planner.parse_plan(text, str(body.get("plan_name") or "<plan>")[:200])
+            detail = await run_in_threadpool(hub.rollouts_service.start, plan, bundle, by=by)
+        except EdgeRuntimeError as e:
+            return _rollout_refusal(e)
+        return _json(detail, 201)
+
+    async def api_rollout_action(request: Request) -> Response:
+        body = await _json_body(request, required=False)
+        by = _by(body)
+        rollout_id, action = request.path_params["rollout_id"], request.path_params["action"]
+        if action not in ROLLOUT_ACTIONS:
+            raise HTTPException(404, f"no rollout action {action!r} (actions: {', '.join(ROLLOUT_ACTIONS)})")
+        svc = hub.rollouts_service
+        calls = {"approve": lambda: svc.approve(rollout_id, by),
+                 "reject": lambda: svc.reject(rollout_id, by, _reason(body, required=False)),
+                 "pause": lambda: svc.pause(rollout_id, by, _reason(body, required=False)),
+                 "resume": lambda: svc.resume(rollout_id, by),
+                 "rollback": lambda: svc.rollback(rollout_id, by, _reason(body, required=True))}
+        if action == "rollback":
+            _reason(body, required=True)
+        try:
+            detail = await run_in_threadpool(calls[action])
+        except KeyError:
+            raise HTTPException(404, f"no rollout {rollout_id!r}") from None
+        except EdgeRuntimeError as e:
+            return _rollout_refusal(e)
+        return _json(detail)
+
     # -- errors -----------------------------------------------------------------------------------------
 
     _ERRORS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -620,6 +710,9 @@ def create_app(hub: Any, *, token: str | None, static_dir: str | Path = STATIC_D
         Route(f"{API}/review", api_review),
         Route(f"{API}/review/{{item_id}}", api_review_resolve, methods=["POST"]),
         Route(f"{API}/rollouts", api_rollouts),
+        Route(f"{API}/rollouts", api_rollout_start, methods=["POST"]),
+        Route(f"{API}/rollouts/{{rollout_id}}", api_rollout),
+        Route(f"{API}/rollouts/{{rollout_id}}/{{action}}", api_rollout_action, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(static_dir)), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: on_http_error, _BadRequest: on_bad_request,

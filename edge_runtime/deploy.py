@@ -302,6 +302,12 @@ class Deployer:
         same = cand is not None and cand.version == b["version"] and cand.sha256 == b["sha256"] and \
             self.machine.rollout_id == order["rollout_id"]
         if order["role"] == "baseline":
+            if st == "active" and (self.machine.rollout_id != order["rollout_id"]
+                                   or self.pipeline.version == order["previous_version"]):
+                # What runs came from an earlier rollout (or the configuration): that is this rollout's
+                # baseline. Only this rollout's own candidate is rolled back.
+                self._set_role("baseline")
+                return
             self._to_baseline(f"cloud: role baseline in rollout {order['rollout_id']}")
             return
         if same and st == "shadow" and order["role"] == "candidate":

@@ -136,7 +136,7 @@ def test_a_bundle_signed_with_an_unknown_key_fails_and_the_model_keeps_serving(m
     try:
         r.dep.on_command(order(bundles["4"], "candidate"))
         r.wait(lambda: r.dep.machine.state == "failed", "the verification failure")
-        failed = [e for e in r.events if e["name"] == "rollout_failed"][0]
+        failed = next(e for e in r.events if e["name"] == "rollout_failed")
         assert "unknown_key" in failed["detail"]["reason"] and r.pipe.version == "1" and r.dep.role == "failed"
         assert not (tmp_path / "state" / "bundles" / "digits_mlp-4").exists()
         n = r.pipe.metrics.predictions
@@ -173,7 +173,7 @@ def test_the_device_rolls_itself_back_when_the_new_model_breaks_its_latency_limi
     try:
         r.dep.on_command(order(bundles["3"], "candidate"))
         r.wait(lambda: r.dep.role == "failed" and r.pipe.version == "1", "the self-rollback", timeout=40)
-        rb = [e for e in r.events if e["name"] == "rollout_rolled_back"][0]
+        rb = next(e for e in r.events if e["name"] == "rollout_rolled_back")
         assert "latency_p99" in rb["detail"]["reason"]
     finally:
         r.close()
@@ -190,5 +190,21 @@ def test_malformed_and_foreign_orders_are_refused_or_ignored(models_dir, profile
         time.sleep(0.5)
         assert names(r.events) == ["rollout_order_refused"] and r.dep.machine.state == "idle"
         assert r.pipe.version == "1"
+    finally:
+        r.close()
+
+
+def test_a_baseline_order_of_a_later_rollout_keeps_what_an_earlier_one_activated(models_dir, profile, bundles,
+                                                                                  tmp_path) -> None:
+    r = Running(models_dir, profile, tmp_path / "state", bundles)
+    try:
+        r.dep.on_command(order(bundles["2"], "candidate", rollout="ro-1"))
+        r.wait(lambda: r.pipe.version == "2", "rollout 1 done on this device")
+        later = order(bundles["3"], "baseline", rollout="ro-2")
+        later.params["previous_version"] = "2"
+        r.dep.on_command(later)
+        time.sleep(0.5)
+        assert r.pipe.version == "2" and r.dep.role == "baseline" and r.dep.machine.state == "active"
+        assert "rollout_rolled_back" not in names(r.events)
     finally:
         r.close()

@@ -4,6 +4,7 @@ compared."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -48,7 +49,8 @@ def random_classifier(path: Path, seed: int) -> Path:
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["input", "w"], ["z"]), helper.make_node("Softmax", ["z"], ["probabilities"])],
         "random", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])], [numpy_helper.from_array(w, "w")])
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, path)
@@ -89,7 +91,7 @@ def test_swaps_under_a_continuous_stream_drop_and_repeat_nothing(models_dir: Pat
     assert len(seen) == n and len(set(seen)) == n and r["predictions"] == n and r["errors"]["total"] == 0
     assert r["swaps"] == 6 and pipe.version == "7"
     # Each version answered one contiguous run of inputs, in order.
-    runs = [versions[0]] + [b for a, b in zip(versions, versions[1:], strict=False) if a != b]
+    runs = [versions[0]] + [b for a, b in itertools.pairwise(versions) if a != b]
     assert runs == ["1", "2", "3", "4", "5", "6", "7"]
     assert seen == sorted(seen, key=lambda s: int(s[3:]))
 

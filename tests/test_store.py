@@ -299,6 +299,19 @@ def test_review_queue(any_store: st.BaseStore) -> None:
         any_store.reviews("done")
 
 
+def test_rollouts_upsert_and_list_by_state(any_store: st.BaseStore) -> None:
+    any_store.upsert_rollout("digits-v4-r1", state="running", payload={"stage": "shadow"}, updated_ms=100)
+    any_store.upsert_rollout("digits-v5-r1", state="done", payload={"stage": "done"}, updated_ms=200)
+    any_store.upsert_rollout("digits-v4-r1", state="rolled_back", payload={"stage": "step-0", "n": [1, 2]},
+                             updated_ms=300)
+    assert [r["id"] for r in any_store.rollouts()] == ["digits-v5-r1", "digits-v4-r1"]
+    assert any_store.rollout("digits-v4-r1") == {"id": "digits-v4-r1", "state": "rolled_back",
+                                                 "payload": {"stage": "step-0", "n": [1, 2]}, "updated_ms": 300}
+    assert any_store.rollouts("running") == []
+    assert [r["id"] for r in any_store.rollouts(["done", "rolled_back"])] == ["digits-v5-r1", "digits-v4-r1"]
+    assert any_store.rollout("nope") is None
+
+
 # -- schema migrations -------------------------------------------------------------------------------------
 
 def test_a_new_store_is_at_the_latest_version(any_store: st.BaseStore) -> None:
@@ -322,6 +335,22 @@ def test_upgrading_from_version_1_keeps_rows_and_fills_the_new_tables(any_store_
         assert table_sizes(store) == (10, 2, 1, 2)
     with open_store(any_store_url) as again:  # opening an up-to-date store changes nothing
         assert again.schema_version == SCHEMA_VERSION and table_sizes(again) == (10, 2, 1, 2)
+
+
+def test_upgrading_from_version_3_adds_the_rollouts_table(any_store_url: str) -> None:
+    with open_store(any_store_url, MIGRATIONS[:3]) as v3:
+        assert v3.schema_version == 3
+        v3.insert_batch("dev-1", "b", mixed(), 5)
+        v3.upsert_alert("slow:dev-1", rule="slow", subject="dev-1", state="firing", severity="warning",
+                        payload={}, updated_ms=7)
+    with open_store(any_store_url) as store:
+        assert store.schema_version == SCHEMA_VERSION == 4
+        assert table_sizes(store) == (10, 2, 1, 2)
+        assert [a["id"] for a in store.alerts()] == ["slow:dev-1"]
+        assert store.rollouts() == []
+        store.upsert_rollout("r1", state="running", payload={"x": 1}, updated_ms=9)
+    with open_store(any_store_url) as again:
+        assert again.rollout("r1") == {"id": "r1", "state": "running", "payload": {"x": 1}, "updated_ms": 9}
 
 
 # cloud-sync 0.1's _SCHEMA, verbatim: the SQLite files in the field are version 1 of this.

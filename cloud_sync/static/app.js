@@ -1,5 +1,5 @@
 /* cloud-sync dashboard: refreshes what the server rendered by polling the JSON API, and sends the
-   actions (acknowledge, review) with the token the user saved. No framework. Text that devices sent
+   actions (acknowledge, review, approve or reject a rollout) with the token the user saved. No framework. Text that devices sent
    is only ever written with textContent. Cell rendering mirrors templates/macros.html and
    cloud_sync.web.format_value: keep the three in step. */
 (function () {
@@ -44,8 +44,31 @@
     return names.length ? names.join(", ") : EMPTY;
   }
 
+  // A gate value: at most three decimals, no trailing zeros (web.py: _short()).
+  function short(v) {
+    if (!finite(v)) return v === null || v === undefined ? "?" : String(v);
+    return v.toFixed(3).replace(/\.?0+$/, "");
+  }
+
+  function cohorts(v) {
+    if (!v || typeof v !== "object" || Array.isArray(v)) return EMPTY;
+    var parts = Object.keys(v).filter(function (k) { return v[k]; }).map(function (k) { return k + " " + v[k]; });
+    return parts.length ? parts.join(", ") : EMPTY;
+  }
+
+  function gates(v) {
+    var list = (Array.isArray(v) ? v : []).filter(function (g) { return g && typeof g === "object"; });
+    if (!list.length) return EMPTY;
+    return list.map(function (g) {
+      return g.name + " " + short(g.value) + " " + g.op + " " + short(g.limit) + ": " + g.status;
+    }).join("; ");
+  }
+
   function format(fmt, v, row) {
     if (fmt === "models") return models(v, row || {});
+    if (fmt === "cohorts") return cohorts(v);
+    if (fmt === "gates") return gates(v);
+    if (fmt === "approval") return "";
     if (fmt === "alarm") return v ? "ALARM" : (v === false ? "no" : EMPTY);
     if (v === null || v === undefined || v === "") return EMPTY;
     if ((fmt === "int" || fmt === "num1" || fmt === "num2" || fmt === "pct") && !finite(v)) return String(v);
@@ -91,6 +114,14 @@
       if (row.state === "firing") {
         target.append(el("button", {type: "button", "class": "act", "data-action": "ack", "data-id": v},
                           "Acknowledge"));
+      }
+    } else if (fmt === "approval") {
+      if (row.state === "waiting_approval") {
+        var choice = el("span", {"class": "review-actions"});
+        choice.append(
+          el("button", {type: "button", "class": "act", "data-action": "approve", "data-id": v}, "Approve"), " ",
+          el("button", {type: "button", "class": "act", "data-action": "reject", "data-id": v}, "Reject"));
+        target.append(choice);
       }
     } else if (fmt === "review") {
       if (row.state === "pending") {
@@ -242,9 +273,14 @@
     if (!button) return;
     var id = button.dataset.id;
     var request;
-    if (button.dataset.action === "ack") {
+    var action = button.dataset.action;
+    if (action === "ack") {
       request = post("alerts/" + encodeURIComponent(id) + "/ack", {by: by()}).then(function () {
         return "acknowledged " + id;
+      });
+    } else if (action === "approve" || action === "reject") {
+      request = post("rollouts/" + encodeURIComponent(id) + "/" + action, {by: by()}).then(function (r) {
+        return (action === "approve" ? "approved " : "rejected ") + id + ": now " + r.state + " at " + r.stage;
       });
     } else {
       var predicted = JSON.parse(button.dataset.label || "null");

@@ -202,6 +202,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Batch ids are "<boot_id>:<first_seq>-<last_seq>" when made by pack_batches.
 _BATCH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,159}")
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,15}")
+_EVENT_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")  # event names: frame_uniform_cleared, rollout_rolled_back
 
 
 class ProtocolError(EdgeRuntimeError):
@@ -1085,7 +1086,7 @@ class Event:
     detail: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        _ident(self.name, "name", _KIND_RE)
+        _ident(self.name, "name", _EVENT_NAME_RE)
         if self.severity not in SEVERITIES:
             raise ProtocolError("bad_value", f"severity is {_clip(repr(self.severity), 40)}, expected one of "
                                 f"{SEVERITIES}")
