@@ -733,6 +733,10 @@ class FleetState:
         totals = dev.totals.setdefault((name, version), dict.fromkeys(_COUNTERS, 0))
         for k, d in deltas.items():
             totals[k] += d
+        if same_boot and prev is not None and deltas.get("inputs") == 0:
+            # Two snapshots close together (a metric record and telemetry): an empty window says
+            # nothing about rates; the last window's stand.
+            deltas = prev.deltas
         drift_alarm = f.flag("drift_alarm")
         # A snapshot that does not say keeps what the boot said last.
         kept = prev.rollout if same_boot and prev is not None else None

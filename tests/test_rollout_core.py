@@ -146,8 +146,9 @@ def test_effects_of_a_shadow_rollout_promote_and_rollback() -> None:
     step(m, "download_done")
     step(m, "verified_shadow")
     assert m.shadow_model == ModelRef(NAME, "4") and m.active == ModelRef(NAME, "3")
-    assert m.highest_run == {NAME: "4"}            # a shadowed version has run
+    assert m.highest_run == {NAME: "3"}            # a shadow served no answer: not counted yet
     step(m, "promote")
+    assert m.highest_run == {NAME: "4"}            # promoted: it serves
     assert m.active == ModelRef(NAME, "4") and m.previous == ModelRef(NAME, "3") and m.shadow_model is None
     step(m, "rollback")
     assert m.state == "rolled_back" and m.active == ModelRef(NAME, "3")   # back to what served before
@@ -298,7 +299,7 @@ CORRUPTIONS = {
     "history_bool_time": lambda: _corrupt(lambda d: d["history"][0].__setitem__(4, True)),
     "state_differs_from_history": lambda: _corrupt(lambda d: d.update(state="active")),
     "no_candidate": lambda: _corrupt(lambda d: d.update(candidate=None)),
-    "running_above_highest": lambda: _corrupt(lambda d: d["highest_run"].update(digits_mlp="3")),
+    "shadow_not_newer_than_highest": lambda: _corrupt(lambda d: d["highest_run"].update(digits_mlp="5")),
     "history_too_long": lambda: _corrupt(lambda d: d.update(history=d["history"] * MAX_HISTORY)),
     "reason_mismatch": lambda: _corrupt(lambda d: d.update(reason="something else")),
 }
@@ -322,10 +323,10 @@ def test_reset_keeps_what_still_validates_of_anti_rollback_and_the_serving_model
     d["highest_run"]["third"] = "2.0.0"
     m, problem = RolloutMachine.from_dict_or_reset(d)
     assert problem is not None and "exploded" in problem
-    assert m.highest_run == {NAME: "4", "third": "2.0.0"}
+    assert m.highest_run == {NAME: "3", "third": "2.0.0"}
     assert m.active == ModelRef(NAME, "3")
     with pytest.raises(RolloutError, match="not_newer"):
-        step(m, "start_download", version="4")
+        step(m, "start_download", version="3")
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
@@ -374,9 +375,10 @@ def test_anti_rollback_older_equal_newer(version: str, accepted: bool) -> None:
 
 
 def test_anti_rollback_is_per_model_and_persisted() -> None:
-    m = machine_in("rolled_back")                   # NAME 4 was shadowed, then rolled back
+    m = machine_in("active")                        # NAME 4 served
+    step(m, "rollback")
     with pytest.raises(RolloutError, match="not_newer"):
-        step(m, "start_download", version="4")     # a rolled-back version is never taken again
+        step(m, "start_download", version="4")     # a version rolled back after it served is never taken again
     step(m, "start_download", name="other_model", version="1")  # another model has its own history
     for event in ("download_done", "verified_activate"):
         step(m, event)
@@ -390,11 +392,14 @@ def test_anti_rollback_is_per_model_and_persisted() -> None:
     loaded.check_candidate("never_seen", "0")      # nothing run: anything goes
 
 
-def test_an_aborted_download_does_not_burn_its_version_but_a_shadow_run_does() -> None:
+def test_neither_an_aborted_download_nor_a_shadow_run_burns_a_version_but_serving_does() -> None:
     m = machine_in("verifying")
     step(m, "abort")
     step(m, "start_download", version="4")        # never ran: may be offered again
-    for event in ("download_done", "verified_shadow", "abort"):
+    for event in ("download_done", "verified_shadow", "rollback"):
+        step(m, event)
+    step(m, "start_download", version="4")        # only shadowed (a ramp's later stage): may come as candidate
+    for event in ("download_done", "verified_activate", "rollback"):
         step(m, event)
     with pytest.raises(RolloutError, match="not_newer"):
         step(m, "start_download", version="4")

@@ -21,7 +21,7 @@ the table raises :class:`IllegalTransition`; nothing is ever a silent no-op.
 | downloading | `download_failed` | failed | serving model unchanged |
 | downloading | `abort` | idle | serving model unchanged |
 | downloading | `resume` | downloading | after a reboot: download again (or continue a partial file) |
-| verifying | `verified_shadow` | shadow | the candidate runs beside `active`; its version counts as run |
+| verifying | `verified_shadow` | shadow | the candidate runs beside `active` (not yet counted as run) |
 | verifying | `verified_activate` | active | the plan skips shadow: `active` := candidate; its version counts as run |
 | verifying | `verify_failed` | failed | serving model unchanged |
 | verifying | `abort` | idle | serving model unchanged |
@@ -46,10 +46,11 @@ Decisions:
   restores ``previous``, which anti-rollback allows: it is the model that served before, not a new
   rollout. With no previous model (the first model came by rollout) the device has none afterwards.
 - Anti-rollback (``highest_run``, per model name, persisted): a version counts as run once it enters
-  ``shadow`` or ``active``; a candidate must be strictly newer than the highest run version of its
-  model, so a version that was shadowed and rolled back is never taken again (ship a new version). A
-  different model name starts its own history. The initial model given to :class:`RolloutMachine`
-  counts as run.
+  ``active`` (it served answers); a candidate must be strictly newer than the highest run version of
+  its model, so a version that was activated and rolled back is never taken again (ship a new
+  version). A version that only ran in ``shadow`` does not count: a shadow device that goes back to
+  baseline may be a candidate for the same version at a later stage of the ramp. A different model
+  name starts its own history. The initial model given to :class:`RolloutMachine` counts as run.
 - Versions are integers (``"7"``) or semantic versions (``"1.2.0-rc.1"``, semver.org precedence, build
   metadata ignored). An integer ``N`` is the semantic version ``N.0.0``, so a model may move from
   integer to semantic versions (``"7"`` -> ``"8.0.0"``); ``"7"`` and ``"7.0.0"`` are equal, and neither is
@@ -510,10 +511,10 @@ class RolloutMachine:
         elif event in ("verified_shadow", "verified_activate", "promote"):
             if candidate is None:  # every state past start_download has one (checked on load)
                 raise RolloutError("bad_state", f"state {self.state!r} without a candidate")
-            if is_newer(candidate.version, highest.get(candidate.name)):
-                highest = {**highest, candidate.name: candidate.version}
             if nxt == "active":
                 active = candidate.ref
+                if is_newer(candidate.version, highest.get(candidate.name)):
+                    highest = {**highest, candidate.name: candidate.version}
         elif event == "rollback" and self.state == "active":
             active = previous
 
@@ -619,11 +620,11 @@ class RolloutMachine:
         c = m.candidate
         if state == "active" and (c is None or m.active != c.ref):
             raise RolloutError("bad_value", f"state 'active' but active {m.active} is not the candidate {c}")
-        if c is not None and state in ("downloading", "verifying") and not is_newer(
+        if c is not None and state in ("downloading", "verifying", "shadow") and not is_newer(
                 c.version, m.highest_run.get(c.name)):
             raise RolloutError("bad_value", f"candidate {c.name} {c.version} is not newer than "
                                             f"highest_run {m.highest_run.get(c.name)}")
-        if c is not None and state in ("shadow", "active") and is_newer(c.version, m.highest_run.get(c.name)):
+        if c is not None and state == "active" and is_newer(c.version, m.highest_run.get(c.name)):
             raise RolloutError("bad_value", f"candidate {c.name} {c.version} runs but highest_run says "
                                             f"{m.highest_run.get(c.name)}")
         return m
