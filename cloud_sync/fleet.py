@@ -733,7 +733,7 @@ class FleetState:
         totals = dev.totals.setdefault((name, version), dict.fromkeys(_COUNTERS, 0))
         for k, d in deltas.items():
             totals[k] += d
-        if same_boot and prev is not None and deltas.get("inputs") == 0:
+        if same_boot and prev is not None and not any(deltas.get(k) for k in ("inputs", "predictions", "errors")):
             # Two snapshots close together (a metric record and telemetry): an empty window says
             # nothing about rates; the last window's stand.
             deltas = prev.deltas

@@ -432,3 +432,20 @@ def test_snapshot_is_json_and_complete() -> None:
     assert set(dev["series"]) == {"throughput_per_s", "latency_p50_ms", "latency_p99_ms", "error_rate", "cpu_percent",
                                   "rss_mb", "temperature_c", "low_confidence_rate"}
     assert fleet.device("nobody", T0) is None
+
+
+def test_an_empty_window_keeps_the_last_rates() -> None:
+    """A metric record and a telemetry snapshot a few ms apart: the second window holds no input, and
+    says nothing about the error rate; the rate of the last window with inputs stands."""
+    fleet = FleetState()
+    fleet.observe_status(status(), T0)
+    fleet.observe_telemetry(telemetry(T0, {"digits": pipe(inputs=1000, errors=0)}), T0)
+    fleet.observe_telemetry(telemetry(T0 + 60_000, {"digits": pipe(inputs=2000, errors=20)}), T0 + 60_000)
+    (row,) = fleet.devices(T0 + 60_000)
+    assert row["error_rate"] == pytest.approx(0.02)
+    fleet.observe_telemetry(telemetry(T0 + 60_010, {"digits": pipe(inputs=2000, errors=20)}), T0 + 60_010)
+    (row,) = fleet.devices(T0 + 60_010)
+    assert row["error_rate"] == pytest.approx(0.02)
+    fleet.observe_telemetry(telemetry(T0 + 120_000, {"digits": pipe(inputs=3000, errors=20)}), T0 + 120_000)
+    (row,) = fleet.devices(T0 + 120_000)
+    assert row["error_rate"] == 0.0
