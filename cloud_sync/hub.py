@@ -317,7 +317,8 @@ class Hub:
         ``p`` records; one item per prediction, within the per-device hourly cap."""
         hour = now_ms // 3_600_000
         samples = [r for r in batch.records if r.kind == p.SAMPLE]
-        predictions = [r for r in batch.records if r.kind == p.PREDICTION] if self.review_below is not None else []
+        predictions = [r for r in batch.records if r.kind == p.PREDICTION
+                       and (self.review_below is not None or r.payload.get("st") == "pending_review")]
         for r in (*samples, *predictions):
             pl = r.payload
             score, pid = pl.get("p"), pl.get("i")
@@ -325,6 +326,8 @@ class Hub:
                 continue
             if r.kind == p.SAMPLE:
                 reason = pl.get("reason") if pl.get("reason") in ("low_confidence", "drift") else "device"
+            elif pl.get("st") == "pending_review":  # level 4: the device holds it back until a person decides
+                reason = "review_rule"
             elif score is None or score >= (self.review_below or 0):
                 continue
             else:

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     uplink = _uplink(args)
     book = PredictionBook(f"{uplink.boot_id[:8] if uplink is not None else uuid.uuid4().hex[:8]}-")
     selectors: dict[str, Any] = {}
+    deployers_by_name: dict[str, Any] = {}
     pipelines = []
     names: set[str] = set()
     for i, model_arg in enumerate(args.model):
@@ -304,7 +305,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         selector = _review_selector(args) if uplink is not None else None
         if selector is not None:
             selectors[pname] = selector
-        sink = _sinks(pname, pred_out, uplink, book if concept is not None or pred_out or uplink else None, selector)
+        status = None
+        if uplink is not None and not args.no_rollouts:
+            def status(label: Any, score: Any, _name: str = pname) -> str:  # the deployer exists once uplink does
+                d = deployers_by_name.get(_name)
+                return d.output_status(label, score) if d is not None else "final"
+        sink = _sinks(pname, pred_out, uplink, book if concept is not None or pred_out or uplink else None, selector,
+                      status)
         health = None
         if not args.no_frame_health and getattr(src, "frames", False):
             from edge_runtime.core.image_features import ImageHealth
@@ -334,6 +341,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         uplink.models = [(pl.name, pl.version) for pl in pipelines]
         uplink.label_sink = router.label
         deployers = _deployers(args, pipelines, uplink, profile)
+        deployers_by_name.update({d.name: d for d in deployers})
         uplink.start()
         for d in deployers:
             d.start()
@@ -499,7 +507,8 @@ def _drift_events(name: str, uplink: Any, selector: Any = None) -> Any:
     return send
 
 
-def _sinks(name: str, pred_out: Any, uplink: Any, book: Any, selector: Any = None) -> Any:
+def _sinks(name: str, pred_out: Any, uplink: Any, book: Any, selector: Any = None,
+           status: Callable[[Any, float | None], str] | None = None) -> Any:
     """The per-batch result sink: ids for the predictions (what label feedback names), then JSON
     lines to a file and/or records to the outbox. None when nothing consumes predictions."""
     if book is None:
@@ -514,18 +523,22 @@ def _sinks(name: str, pred_out: Any, uplink: Any, book: Any, selector: Any = Non
         labs = labels.tolist()
         ids = book.assign(name, records, labs)
         sc = scores.tolist() if scores is not None else None
+        sts = [status(lab, sc[i] if sc is not None else None) for i, lab in enumerate(labs)] \
+            if status is not None else None
         if pred_out is not None:
             for i, lab in enumerate(labs):
                 row = {"pipeline": name, "id": ids[i], "label": lab}
                 if sc is not None and math.isfinite(sc[i]):
                     row["score"] = round(sc[i], 6)
+                if sts is not None:
+                    row["status"] = sts[i]
                 pred_out.write(json.dumps(row) + "\n")
             pred_out.flush()  # one flush per batch: a reader (tail -f, a labelling tool) sees it now
         if uplink is not None:
             now = time.time()
             for i, lab in enumerate(labs):
                 score = sc[i] if sc is not None else None
-                uplink.prediction(name, lab, score, now, ids[i])
+                uplink.prediction(name, lab, score, now, ids[i], sts[i] if sts is not None else "final")
                 if selector is not None:
                     why = selector.reason(score, now)
                     if why is not None:

@@ -38,9 +38,11 @@ from edge_runtime.core import protocol as p
 from edge_runtime.core.histogram import LatencyHistogram
 from edge_runtime.core.rollout import (
     ModelRef,
+    ReviewRule,
     RolloutError,
     RolloutMachine,
     SelfCheck,
+    output_status,
 )
 from edge_runtime.errors import EdgeRuntimeError
 
@@ -147,10 +149,19 @@ def parse_order(cmd: p.Command) -> dict[str, Any]:
                   "version": str(b["version"]), "sha256": str(b["sha256"]), "size": int(b["size"])}
         if len(bundle["sha256"]) != 64:
             raise OrderError(f"bundle sha256 is {bundle['sha256'][:80]!r}, expected 64 hex digits")
+        level = int(prm.get("level", 5))
+        if not 1 <= level <= 5:
+            raise OrderError(f"level is {level}, expected 1-5")
+        review = prm.get("review")
+        if review is not None:
+            if not isinstance(review, dict):
+                raise OrderError(f"review is {type(review).__name__}, expected an object")
+            ReviewRule.from_dict({"min_score": review.get("below_score", review.get("min_score")),
+                                  "classes": review.get("classes", [])})
         return {"rollout_id": p.validate_device_id(prm["rollout_id"]), "model": str(prm["model"]), "role": role,
                 "bundle": bundle, "previous_version": str(prm.get("previous_version") or ""),
-                "level": int(prm.get("level", 5)), "command_id": cmd.command_id}
-    except (KeyError, TypeError, ValueError, p.ProtocolError) as e:
+                "level": level, "review": review, "command_id": cmd.command_id}
+    except (KeyError, TypeError, ValueError, p.ProtocolError, RolloutError) as e:
         if isinstance(e, OrderError):
             raise
         raise OrderError(f"rollout order {cmd.command_id}: missing or malformed field ({e})") from e
@@ -176,6 +187,7 @@ class Deployer:
         self.clock = clock
         self.path = self.state_dir / STATE_FILE.format(name=self.name)
         self.order: dict[str, Any] | None = None
+        self._rule: ReviewRule | None = None  # the order's review rule (level 4), built on first use
         self.role = "baseline"
         self.since_ms = self._now()
         self._role_predictions0 = 0     # predictions when the role began (the "samples" the cloud gates on)
@@ -294,6 +306,7 @@ class Deployer:
                 self.machine.state not in ("idle",):
             return  # the same retained order again (a reconnect): already being followed
         prev_order, self.order = self.order, order
+        self._rule = None
         b = order["bundle"]
         self._set_role(order["role"] if order["role"] == "baseline" else self.role)
         self._save()
@@ -510,6 +523,23 @@ class Deployer:
                 "candidate_version": cand.version if cand is not None else None, "since_ms": self.since_ms,
                 "samples": max(0, self.pipeline.metrics.predictions - self._role_predictions0),
                 "shadow": sh.stats.summary() if sh is not None else None, "reason": self.machine.reason}
+
+    def output_status(self, label: Any, score: float | None) -> str:
+        """What the active model's output is under the rollout's automation level: ``final`` for the
+        configured model and after levels 3 and 5; ``shadow`` (level 1: recorded, a person decides),
+        ``suggestion`` (level 2) or, at level 4, ``pending_review`` when the order's review rule matches
+        (low score, listed class)."""
+        order = self.order
+        if order is None or self.role != "candidate" or self.machine.state != "active":
+            return "final"
+        level = order.get("level", 5)
+        rule = self._rule
+        if rule is None and order.get("review"):
+            r = order["review"]
+            rule = self._rule = ReviewRule.from_dict({"min_score": r.get("below_score", r.get("min_score")),
+                                                       "classes": r.get("classes", [])})
+        return output_status(level, shadow=False,
+                             needs_review=level == 4 and rule is not None and rule.matches(label, score))
 
     def model_state(self) -> str:
         """The model's state in the device's retained status."""

@@ -78,17 +78,20 @@ class Uplink:
 
     # -- the hot path: in-memory appends only -----------------------------------------------------
 
-    def prediction(self, model: str, label: Any, score: float | None, created: float, pid: str) -> None:
-        """Queue one prediction record under its id ``pid`` (what label feedback refers to)."""
+    def prediction(self, model: str, label: Any, score: float | None, created: float, pid: str,
+                   status: str = "final") -> None:
+        """Queue one prediction record under its id ``pid`` (what label feedback refers to). ``status``
+        (``shadow``, ``suggestion``, ``pending_review``) is written as ``"st"``; absent means final."""
         m = self._model_json.get(model)
         if m is None:
             m = self._model_json[model] = json.dumps(model)
         y = label if type(label) is int else json.dumps(label)
         i = json.dumps(pid)
+        st = "" if status == "final" else f',"st":"{status}"'
         if score is None or not math.isfinite(score):  # NaN is not JSON: leave the score out
-            body = f'{{"i":{i},"m":{m},"y":{y}}}'
+            body = f'{{"i":{i},"m":{m},"y":{y}{st}}}'
         else:
-            body = f'{{"i":{i},"m":{m},"y":{y},"p":{score:.6g}}}'
+            body = f'{{"i":{i},"m":{m},"y":{y},"p":{score:.6g}{st}}}'
         self.buffer.append("prediction", body.encode(), created)
 
     def _labels(self, msg: p.LabelFeedback) -> None:

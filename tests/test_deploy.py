@@ -208,3 +208,37 @@ def test_a_baseline_order_of_a_later_rollout_keeps_what_an_earlier_one_activated
         assert "rollout_rolled_back" not in names(r.events)
     finally:
         r.close()
+
+
+@pytest.mark.parametrize(("level", "review", "expected"), [
+    (1, None, ["shadow", "shadow"]), (2, None, ["suggestion", "suggestion"]), (3, None, ["final", "final"]),
+    (4, {"below_score": 0.9, "classes": [7]}, ["pending_review", "final"]), (5, None, ["final", "final"])])
+def test_outputs_of_a_rolled_out_model_carry_the_automation_levels_status(models_dir, profile, bundles, tmp_path,
+                                                                          level, review, expected) -> None:
+    r = Running(models_dir, profile, tmp_path / "state", bundles)
+    try:
+        assert r.dep.output_status(3, 0.5) == "final"  # the configured model: nothing rolled out
+        o = order(bundles["3"], "candidate")
+        o.params["level"] = level
+        if review is not None:
+            o.params["review"] = review
+        r.dep.on_command(o)
+        r.wait(lambda: r.pipe.version == "3", "activation")
+        assert [r.dep.output_status(3, 0.5), r.dep.output_status(3, 0.95)] == expected
+        if level == 4:
+            assert r.dep.output_status(7, 0.99) == "pending_review"  # a listed class
+    finally:
+        r.close()
+
+
+def test_an_order_with_a_bad_level_or_review_rule_is_refused(models_dir, profile, bundles, tmp_path) -> None:
+    r = Running(models_dir, profile, tmp_path / "state", bundles)
+    try:
+        for params in ({"level": 9}, {"review": "low"}, {"review": {"below_score": "x"}}):
+            o = order(bundles["3"], "candidate")
+            o.params.update(params)
+            r.dep.on_command(o)
+        time.sleep(0.3)
+        assert names(r.events) == ["rollout_order_refused"] * 3 and r.pipe.version == "1"
+    finally:
+        r.close()

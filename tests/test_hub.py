@@ -241,3 +241,14 @@ def test_a_registered_bundle_gives_the_accuracy_baseline(models_dir: Path, tmp_p
     with pytest.raises(ValueError, match="not a readable model bundle"):
         hub.register_bundle(tmp_path)
     hub.close()
+
+
+def test_outputs_held_for_review_at_level_4_enter_the_queue_whatever_the_threshold(tmp_path: Path) -> None:
+    hub = Hub.for_tests(tmp_path / "c.db", review_below=None)
+    feed(hub, status("dev-7"), T0)
+    recs = [p.Record(1, "p", T0, {"i": "b1-1", "m": "digits_mlp", "y": 3, "p": 0.97, "st": "pending_review"}),
+            p.Record(2, "p", T0, {"i": "b1-2", "m": "digits_mlp", "y": 4, "p": 0.2})]
+    feed(hub, batch("dev-7", recs), T0)
+    (item,) = hub.review_items()
+    assert item["payload"]["prediction_id"] == "b1-1" and item["payload"]["reason"] == "review_rule"
+    hub.close()
