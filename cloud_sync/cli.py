@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundle", action="append", default=[], metavar="DIR",
                    help="a model bundle the fleet runs (repeatable): its reference profile gives fleet drift "
                         "distances and its build accuracy the baseline of accuracy-drop rules")
+    s.add_argument("--bundles-dir", default=os.environ.get("CLOUD_SYNC_BUNDLES", "cloud-sync-bundles"), metavar="DIR",
+                   help="where rollouts keep the bundles they publish (republished after a broker restart; "
+                        "default $CLOUD_SYNC_BUNDLES or cloud-sync-bundles)")
     s.add_argument("--keep-predictions-days", type=float, default=30.0, metavar="D",
                    help="delete prediction records older than D days (default 30; 0: keep all)")
     s.add_argument("--keep-history-days", type=float, default=365.0, metavar="D",
@@ -335,6 +338,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     svc = IngestService(url, args.db, client_id=args.client_id, group=args.group, rules=rules,
                         review_below=args.review_below, review_per_device_hour=args.review_per_device_hour,
                         retrain_command=args.retrain_command, retrain_topic=args.retrain_topic,
+                        bundles_dir=args.bundles_dir,
                         keep_predictions_s=args.keep_predictions_days * 86400 or None,
                         keep_history_s=args.keep_history_days * 86400 or None)
     for b in args.bundle:

@@ -380,7 +380,16 @@ class RolloutService:
             raise BundleError("not_a_bundle", "no such file or directory", bundle=str(path))
         if not tarfile.is_tarfile(path):
             raise BundleError("truncated_archive", "not a tar archive", bundle=str(path))
-        return path
+        # A copy the service owns: republishing after a restart must not depend on where the file came from.
+        self.bundles_dir.mkdir(parents=True, exist_ok=True)
+        from edge_runtime.bundle import sha256_file
+
+        own = self.bundles_dir / path.name
+        if own.resolve() != path.resolve() and (not own.is_file() or sha256_file(own) != sha256_file(path)):
+            tmp = own.with_name(own.name + ".tmp")
+            shutil.copyfile(path, tmp)
+            tmp.replace(own)
+        return own
 
     def _publish_bundle(self, tar: Path, bundle: Mapping[str, Any]) -> p.BundleManifest:
         from cloud_sync import distribute

@@ -805,3 +805,25 @@ def test_the_service_publishes_through_its_connection_and_again_after_a_broker_r
     finally:
         devices.stop()
         svc.stop()
+
+
+def test_a_started_bundle_is_kept_in_the_services_own_directory(tmp_path: Path) -> None:
+    """Republishing after a restart must not depend on the file the operator pointed at."""
+    import shutil
+
+    from edge_runtime.bundle import _write_tar
+
+    hub = Hub.for_tests(tmp_path / "c.db", clock=Clock(T0), bundles_dir=tmp_path / "share")
+    try:
+        svc = hub.rollouts_service
+        src = tmp_path / "upload" / "digits_mlp-4.tar"
+        src.parent.mkdir()
+        _write_tar(make_bundle(tmp_path), src)
+        status_only(hub, DEVICES[:3])
+        detail = svc.start(plan_text(5), src, by="ana")
+        kept = tmp_path / "share" / "digits_mlp-4.tar"
+        assert kept.read_bytes() == src.read_bytes()
+        shutil.rmtree(src.parent)
+        assert svc.get(str(detail["id"])).state == "running" and kept.is_file()
+    finally:
+        hub.close()
