@@ -337,6 +337,7 @@ class _Device:
     boot_time_ms: int | None = None        # newest device time seen from the current boot
     agent_version: str = ""
     models: tuple[p.ModelStatus, ...] = ()
+    tags: tuple[str, ...] = ()
     status_ms: int | None = None           # when the last status was received
     status_time_ms: int | None = None      # its own time_ms
     offline_since_ms: int | None = None
@@ -453,6 +454,7 @@ class FleetState:
         dev.offline_since_ms = None
         dev.agent_version = msg.agent_version
         dev.models = msg.models
+        dev.tags = msg.tags
         dev.status_ms = now_ms
         dev.status_time_ms = msg.time_ms
         self._seen(dev, now_ms)
@@ -810,6 +812,7 @@ class FleetState:
         return {
             "id": dev.id, "state": state, "online": dev.online, "last_seen_ms": dev.last_seen_ms,
             "offline_minutes": offline_min, "boot_id": dev.boot_id, "agent_version": dev.agent_version,
+            "tags": list(dev.tags),
             "models": [{"name": m.name, "version": m.version, "state": m.state} for m in dev.models],
             "running": [{"model": m, "version": v} for m, v in sorted(self._running(dev))],
             "throughput_per_s": _round(values["throughput_per_s"]), "p50_ms": _round(values["p50_ms"]),

@@ -86,7 +86,7 @@ class Hub:
                     msg = p.Status(device_id, bool(d["online"]), d.get("boot_id") or "unknown",
                                    int(st.get("time_ms") or 0), str(st.get("agent_version") or "?"),
                                    tuple(p.ModelStatus(str(m["name"]), str(m["version"]), str(m["state"]))
-                                         for m in st.get("models", [])))
+                                         for m in st.get("models", [])), tuple(st.get("tags") or ()))
                 except (p.ProtocolError, KeyError, TypeError, ValueError) as e:
                     log.warning("replay: stored status of %s not usable: %s", device_id, e)
                     continue

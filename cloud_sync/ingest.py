@@ -78,7 +78,7 @@ class Ingest:
             self.store.upsert_status(msg.device_id, msg.online, msg.boot_id, now_ms,
                                      {"agent_version": msg.agent_version, "time_ms": msg.time_ms,
                                       "models": [{"name": m.name, "version": m.version, "state": m.state}
-                                                 for m in msg.models]})
+                                                 for m in msg.models], "tags": list(msg.tags)})
             return []
         if isinstance(msg, p.Telemetry):
             return []  # the live view only (the fleet state keeps the latest per device)

@@ -20,8 +20,8 @@ over or done, because a broker without persistence forgets retained messages whe
 apply orders idempotently by ``command_id``; the same file gives the same bundle messages.
 
 Targeting. A device is targeted when it runs the plan's model (its status or its metric snapshots
-say so). Devices report no tags yet, so only a plan without ``target.tags`` selects devices; one with
-tags targets none and is refused. The planner observes online devices only: their roles come from its
+say so) and its status carries every tag of the plan's ``target.tags`` (``edge-runtime run --tag``). The
+planner observes online devices only: their roles come from its
 assignment over them; a known device that is offline or stale gets the role its rank gives over every
 targeted device, and is reassigned when it is back.
 
@@ -137,6 +137,11 @@ def _bundle_manifest(tar_path: Path) -> dict[str, Any]:
         raise BundleError("bad_manifest", f"manifest.json name {name!r} and version {version!r}: expected strings",
                           bundle=str(tar_path))
     return dict(manifest, version=str(version))
+
+
+def _tags_of(row: Mapping[str, Any]) -> frozenset[str]:
+    tags = row.get("tags")
+    return frozenset(str(t) for t in tags) if isinstance(tags, list | tuple) else frozenset()
 
 
 def _models_of(row: Mapping[str, Any]) -> set[str]:
@@ -323,9 +328,9 @@ class RolloutService:
             targeted = self._targeted(plan, rows)
             if not targeted:
                 if plan.target_tags:
-                    raise pl.RolloutError(f"plan {plan.name!r} targets tags {list(plan.target_tags)}, but devices "
-                                          "report no tags yet: only a plan without target.tags selects devices "
-                                          f"(every device running {plan.model})")
+                    raise pl.RolloutError(f"plan {plan.name!r} targets tags {list(plan.target_tags)}: no device "
+                                          f"running {plan.model} has them all (devices report tags with "
+                                          "`edge-runtime run --tag`)")
                 raise pl.RolloutError(f"no device runs {plan.model}: nothing to roll out to")
             ids = {r["id"] for r in targeted}
             self._check_free(plan.model, ids)
@@ -494,7 +499,7 @@ class RolloutService:
 
     def _targeted(self, plan: pl.Plan, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         return [dict(r) for r in rows if plan.model in _models_of(r)
-                and pl.targets(plan, pl.Device(str(r["id"]), frozenset(), frozenset({plan.model})))]
+                and pl.targets(plan, pl.Device(str(r["id"]), _tags_of(r), frozenset({plan.model})))]
 
     def _evaluate(self, e: _Entry, rows: list[dict[str, Any]], kpis: list[dict[str, Any]], now: int) -> None:
         plan = e.rollout.plan
@@ -515,7 +520,7 @@ class RolloutService:
     def _observe(self, e: _Entry, online: list[dict[str, Any]]) -> list[pl.DeviceObservation]:
         r = e.rollout
         plan = r.plan
-        assigned = r.assignment([pl.Device(str(d["id"]), frozenset(), frozenset({plan.model})) for d in online])
+        assigned = r.assignment([pl.Device(str(d["id"]), _tags_of(d), frozenset({plan.model})) for d in online])
         g = plan.gates
         out = []
         for row in online:
@@ -610,7 +615,7 @@ class RolloutService:
     def _mark_stage(self, e: _Entry, online: list[dict[str, Any]]) -> None:
         """At a new stage, what each device whose role carries over has counted already."""
         r = e.rollout
-        assigned = r.assignment([pl.Device(str(d["id"]), frozenset(), frozenset({r.plan.model})) for d in online])
+        assigned = r.assignment([pl.Device(str(d["id"]), _tags_of(d), frozenset({r.plan.model})) for d in online])
         e.marks = {}
         for row in online:
             rep = ((row.get("pipelines") or {}).get(r.plan.model) or {}).get("rollout")
@@ -624,7 +629,7 @@ class RolloutService:
         model = r.plan.model
 
         def devices(rows: list[dict[str, Any]]) -> list[pl.Device]:
-            return [pl.Device(str(d["id"]), frozenset(), frozenset({model})) for d in rows]
+            return [pl.Device(str(d["id"]), _tags_of(d), frozenset({model})) for d in rows]
 
         want = r.assignment(devices(online))
         for device_id, role in r.assignment(devices(targeted)).items():

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--buffer", metavar="PATH", default=None,
                      help="the durable outbox (SQLite; default ./edge-runtime-outbox.db, "
                           "$EDGE_RUNTIME_BUFFER)")
+    run.add_argument("--tag", action="append", default=[], metavar="TAG",
+                     help="a label of this device that rollout plans can target (repeatable: --tag site:lab "
+                          "--tag hw:pi5; also $EDGE_RUNTIME_TAGS, comma-separated)")
     run.add_argument("--buffer-max-mb", type=float, default=256.0, metavar="MB",
                      help="outbox size bound; the oldest predictions are dropped first (default 256)")
     run.add_argument("--no-drift", action="store_true",
@@ -377,8 +380,15 @@ def _uplink(args: argparse.Namespace) -> Any:
 
     device_id = args.device_id or os.environ.get("EDGE_RUNTIME_DEVICE_ID") or socket.gethostname()
     path = args.buffer or os.environ.get("EDGE_RUNTIME_BUFFER") or "edge-runtime-outbox.db"
+    tags = [*args.tag, *(t.strip() for t in os.environ.get("EDGE_RUNTIME_TAGS", "").split(",") if t.strip())]
+    from edge_runtime.core import protocol as p
+
+    try:
+        p.Status(p.validate_device_id(device_id), True, "check", 0, "", (), tuple(tags))
+    except p.ProtocolError as e:
+        raise EdgeRuntimeError(f"--tag: {e}") from e
     return Uplink(UplinkConfig(broker_url=broker, device_id=device_id, buffer_path=path,
-                               buffer_max_mb=args.buffer_max_mb))
+                               buffer_max_mb=args.buffer_max_mb, tags=tuple(sorted(set(tags)))))
 
 
 def _deployers(args: argparse.Namespace, pipelines: list[Any], uplink: Any, profile: Any) -> list[Any]:

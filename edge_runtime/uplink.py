@@ -36,6 +36,7 @@ class UplinkConfig:
     flush_interval_s: float = 0.05
     window: int = 4
     resend_after_s: float = 10.0
+    tags: tuple[str, ...] = ()  # reported in the retained status (rollout targeting)
 
 
 class Uplink:
@@ -145,7 +146,7 @@ class Uplink:
     def _status(self, online: bool) -> None:
         models = self.models_fn() if self.models_fn is not None else [(n, v, "active") for n, v in self.models]
         st = p.Status(self.device_id, online, self.boot_id, int(time.time() * 1000), __version__,
-                      tuple(p.ModelStatus(n, v, s) for n, v, s in models))
+                      tuple(p.ModelStatus(n, v, s) for n, v, s in models), self.cfg.tags)
         self.transport.publish(st.topic, st.to_wire(), qos=st.QOS, retain=st.RETAIN)
 
     def _run(self) -> None:

@@ -198,3 +198,9 @@ def test_profiles_command_marks_the_detected_profile() -> None:
     assert {"x86-generic", "rpi4", "rpi5", "jetson-orin-nano"} <= names
     assert r["detected"] in names
     assert "CPUExecutionProvider" in r["available_providers"]
+
+
+def test_a_bad_device_tag_is_refused_before_anything_starts(models_dir: Path, tmp_path: Path) -> None:
+    proc = cli("run", "--model", str(models_dir / "digits_mlp.onnx"), "--broker", "mqtt://127.0.0.1:1",
+               "--buffer", str(tmp_path / "o.db"), "--tag", "no spaces please", "--max-inputs", "1", check=False)
+    assert proc.returncode == 1 and "--tag" in proc.stderr and "no spaces please" in proc.stderr

@@ -658,3 +658,14 @@ def test_any_payload_prefix_of_a_valid_message_is_rejected_cleanly(junk: bytes) 
     wire = EXAMPLES["records"].to_wire()
     assume(junk != wire[: len(junk)])
     decode_or_error(EXAMPLES["records"].topic, wire[: len(wire) // 2] + junk)
+
+
+def test_status_tags_are_validated_sorted_and_left_out_when_empty() -> None:
+    st = p.Status(DEV, True, "b1", 1, "0.1.0", (), ("site:lab", "hw:pi5", "site:lab"))
+    assert st.tags == ("hw:pi5", "site:lab")
+    back = decode(st.topic, st.to_wire())
+    assert isinstance(back, p.Status) and back.tags == ("hw:pi5", "site:lab")
+    assert b"tags" not in p.Status(DEV, True, "b1", 1).to_wire()
+    for bad in (["a b"], ["$sys"], [7], ["x"] * (p.MAX_TAGS + 1), "site:lab"):
+        with pytest.raises(ProtocolError):
+            p.Status(DEV, True, "b1", 1, "", (), bad)  # type: ignore[arg-type]

@@ -79,6 +79,7 @@ def agent(release: dict[str, Path], broker, tmp_path: Path, report: Path) -> sub
                              "--key", str(release["pub"]), "--source", "synthetic:200", "--broker", broker.url,
                              "--device-id", "dev-1", "--buffer", str(tmp_path / "outbox.db"), "--state-dir",
                              str(tmp_path / "state"), "--metrics-interval", "1", "--status-interval", "0",
+                             "--tag", "site:lab", "--tag", "hw:x86",
                              "--report-json", str(report)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -110,6 +111,7 @@ def test_rollout_to_a_running_agent_and_back_after_a_restart(release, broker_fac
         assert names == ["rollout_downloading", "rollout_verifying", "rollout_active"]
         status = cloud.svc.store.devices()["dev-1"]["status"]
         assert status["models"] == [{"name": "digits_mlp", "version": "2", "state": "active"}]
+        assert status["tags"] == ["hw:x86", "site:lab"]
         stop(a)
         r = json.loads(report.read_text())["pipelines"][0]
         assert r["swaps"] == 1 and r["errors"]["total"] == 0 and r["inputs"] == r["predictions"]

@@ -469,9 +469,9 @@ def test_a_hub_restart_mid_rollout_picks_it_up_where_it_was(env: dict[str, Any])
 
 # -- the CLI against a running server ----------------------------------------------------------------
 
-def status_only(hub: Hub, devices: list[str], version: str = "3") -> None:
+def status_only(hub: Hub, devices: list[str], version: str = "3", tags: tuple[str, ...] = ()) -> None:
     for d in devices:
-        st = p.Status(d, True, "b1", T0, "0.1.0", (p.ModelStatus(MODEL, version, "active"),))
+        st = p.Status(d, True, "b1", T0, "0.1.0", (p.ModelStatus(MODEL, version, "active"),), tags)
         hub.handle(st.topic, st.to_wire(), T0)
 
 
@@ -548,7 +548,7 @@ def test_a_start_checks_plan_bundle_and_fleet(tmp_path: Path) -> None:
         with pytest.raises(pl.RolloutError, match="candidate digits_mlp 4 is not newer than version 5"):
             svc.start(plan_text(5), bundle, by="ana")
         status_only(hub, ["dev-09"], version="3")
-        with pytest.raises(pl.RolloutError, match="devices report no tags yet"):
+        with pytest.raises(pl.RolloutError, match=r"no device running digits_mlp has them all"):
             svc.start(plan_text(5, tags='"site:lab"'), bundle, by="ana")
         with pytest.raises(pl.RolloutError, match="is model 'digits_mlp', the plan 'digits-v4' rolls out 'other'"):
             svc.start(plan_text(5, model="other"), bundle, by="ana")
@@ -825,5 +825,18 @@ def test_a_started_bundle_is_kept_in_the_services_own_directory(tmp_path: Path) 
         assert kept.read_bytes() == src.read_bytes()
         shutil.rmtree(src.parent)
         assert svc.get(str(detail["id"])).state == "running" and kept.is_file()
+    finally:
+        hub.close()
+
+
+def test_a_plan_with_target_tags_reaches_only_the_devices_reporting_them(tmp_path: Path) -> None:
+    hub = Hub.for_tests(tmp_path / "c.db", clock=Clock(T0), bundles_dir=tmp_path / "share")
+    try:
+        status_only(hub, DEVICES[:4], tags=("site:lab", "hw:pi5"))
+        status_only(hub, DEVICES[4:7], tags=("site:lab",))
+        status_only(hub, DEVICES[7:])
+        detail = hub.rollouts_service.start(plan_text(5, tags='"site:lab", "hw:pi5"'), make_bundle(tmp_path), by="ana")
+        assert sorted(a["device_id"] for a in detail["assignment"]) == DEVICES[:4]
+        assert {r["id"]: r["tags"] for r in hub.devices()}["dev-05"] == ["site:lab"]
     finally:
         hub.close()

@@ -202,6 +202,8 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Batch ids are "<boot_id>:<first_seq>-<last_seq>" when made by pack_batches.
 _BATCH_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,159}")
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,15}")
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}")  # device tags: site:lab, hw:pi5, zone=eu
+MAX_TAGS: Final = 32
 _EVENT_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")  # event names: frame_uniform_cleared, rollout_rolled_back
 
 
@@ -598,6 +600,7 @@ class Status(_Message):
     time_ms: int
     agent_version: str = ""
     models: tuple[ModelStatus, ...] = ()
+    tags: tuple[str, ...] = ()  # the device's labels for rollout targeting ("site:lab", "hw:pi5"); sorted
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
@@ -610,18 +613,26 @@ class Status(_Message):
             if not isinstance(m, ModelStatus):
                 raise _bad_type(f"models[{i}]", m, "ModelStatus")
         _set(self, "models", models)
+        tags = tuple(_list(self.tags, "tags"))
+        if len(tags) > MAX_TAGS:
+            raise ProtocolError("bad_value", f"{len(tags)} tags, at most {MAX_TAGS}")
+        _set(self, "tags", tuple(sorted({_ident(t, f"tags[{i}]", _TAG_RE) for i, t in enumerate(tags)})))
 
     def _to_obj(self) -> dict[str, Any]:
-        return {"online": self.online, "boot_id": self.boot_id, "time_ms": self.time_ms,
-                "agent_version": self.agent_version,
-                "models": [{"name": m.name, "version": m.version, "state": m.state} for m in self.models]}
+        out = {"online": self.online, "boot_id": self.boot_id, "time_ms": self.time_ms,
+               "agent_version": self.agent_version,
+               "models": [{"name": m.name, "version": m.version, "state": m.state} for m in self.models]}
+        if self.tags:
+            out["tags"] = list(self.tags)
+        return out
 
     @classmethod
     def _from_obj(cls, device_id: str, o: dict[str, Any]) -> Status:
         models = _list(o.get("models", []), "models")
         return cls(device_id, _get(o, "online"), _get(o, "boot_id"), _get(o, "time_ms"),
                    o.get("agent_version", ""),
-                   tuple(ModelStatus._from_obj(m, f"models[{i}]") for i, m in enumerate(models)))
+                   tuple(ModelStatus._from_obj(m, f"models[{i}]") for i, m in enumerate(models)),
+                   tuple(_list(o.get("tags", []), "tags")))
 
 
 def last_will(device_id: str, boot_id: str, *, time_ms: int, agent_version: str = "") -> Status:
