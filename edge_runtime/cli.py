@@ -56,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "Bad inputs are counted by reason and skipped; SIGINT/SIGTERM stop cleanly with a "
                     "final report. Repeat --model (and --source) to host several pipelines.",
     )
-    run.add_argument("--model", action="append", required=True, metavar="PATH_OR_BUNDLE",
-                     help="an .onnx file or a bundle directory (repeatable; NAME=PATH names the pipeline)")
+    run.add_argument("--config", metavar="FILE", default=os.environ.get("EDGE_RUNTIME_CONFIG"),
+                     help="the agent's configuration file (default: $EDGE_RUNTIME_CONFIG, else "
+                          "/etc/edge-runtime/agent.toml when it exists); flags and environment variables win over it")
+    run.add_argument("--model", action="append", metavar="PATH_OR_BUNDLE",
+                     help="an .onnx file or a bundle directory (repeatable; NAME=PATH names the pipeline); "
+                          "or [[model]] in the config file")
     run.add_argument("--source", action="append", metavar="SRC",
                      help=f"{SOURCE_HELP}; one for all models or one per --model (default: synthetic)")
     run.add_argument("--report-json", metavar="FILE", help="write the final report here as JSON")
@@ -72,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--buffer", metavar="PATH", default=None,
                      help="the durable outbox (SQLite; default ./edge-runtime-outbox.db, "
                           "$EDGE_RUNTIME_BUFFER)")
+    run.add_argument("--broker-username", metavar="USER", help="broker user name (or in the URL)")
+    run.add_argument("--broker-password-file", metavar="FILE", help="a file holding the broker password")
+    run.add_argument("--broker-ca-file", metavar="FILE", help="CA certificate for mqtts://")
+    run.add_argument("--broker-cert-file", metavar="FILE", help="client certificate (mutual TLS)")
+    run.add_argument("--broker-key-file", metavar="FILE", help="client key (mutual TLS)")
     run.add_argument("--tag", action="append", default=[], metavar="TAG",
                      help="a label of this device that rollout plans can target (repeatable: --tag site:lab "
                           "--tag hw:pi5; also $EDGE_RUNTIME_TAGS, comma-separated)")
@@ -387,8 +396,23 @@ def _uplink(args: argparse.Namespace) -> Any:
         p.Status(p.validate_device_id(device_id), True, "check", 0, "", (), tuple(tags))
     except p.ProtocolError as e:
         raise EdgeRuntimeError(f"--tag: {e}") from e
+    options: dict[str, Any] = {}
+    if args.broker_username:
+        options["username"] = args.broker_username
+    if args.broker_password_file:
+        try:
+            options["password"] = Path(args.broker_password_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise EdgeRuntimeError(f"broker password file {args.broker_password_file}: {e.strerror or e}") from e
+    for key in ("ca_file", "cert_file", "key_file"):
+        f = getattr(args, f"broker_{key}")
+        if f:
+            if not Path(f).is_file():
+                raise EdgeRuntimeError(f"--broker-{key.replace('_', '-')}: {f} is not a readable file")
+            options[key] = f
     return Uplink(UplinkConfig(broker_url=broker, device_id=device_id, buffer_path=path,
-                               buffer_max_mb=args.buffer_max_mb, tags=tuple(sorted(set(tags)))))
+                               buffer_max_mb=args.buffer_max_mb, tags=tuple(sorted(set(tags))),
+                               broker_options=options))
 
 
 def _deployers(args: argparse.Namespace, pipelines: list[Any], uplink: Any, profile: Any) -> list[Any]:
@@ -729,12 +753,44 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``run``: fill what the command line left at its default from the config file (the file's values
+    already carry their environment overrides)."""
+    from edge_runtime import agent_config
+
+    path = args.config
+    if path is None and Path(agent_config.DEFAULT_PATH).is_file():
+        path = agent_config.DEFAULT_PATH
+    if path is None:
+        values: dict[str, Any] = {}
+    else:
+        values = agent_config.load(path)
+        log.debug("configuration from %s: %s", path, sorted(values))
+    run_parser = next(a for a in parser._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+                      if a.prog.endswith(" run"))
+    for dest, value in values.items():
+        default = run_parser.get_default(dest)
+        current = getattr(args, dest, None)
+        if current == default or current in (None, []):
+            setattr(args, dest, value)
+    if not args.model:
+        raise EdgeRuntimeError("no model: give --model PATH, or [[model]] path = ... in the config file"
+                               + (f" ({path})" if path else f" (none at {agent_config.DEFAULT_PATH})"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "run":
+        try:
+            _apply_config(parser, args)
+        except EdgeRuntimeError as e:
+            _setup_logging("info")
+            log.error("%s", e)
+            return EXIT_ERROR
     _setup_logging(args.log_level)
     from edge_runtime.quantize import cmd_quantize
 

@@ -130,6 +130,8 @@ def available_profiles() -> dict[str, Path]:
     found: dict[str, Path] = {}
     for d in profile_dirs():
         for p in sorted(d.glob("*.toml")):
+            if p.name.endswith(".example.toml"):  # the agent's example configuration lives beside the profiles
+                continue
             found.setdefault(p.stem, p)
     return found
 

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edge_runtime import __version__
@@ -37,6 +37,7 @@ class UplinkConfig:
     window: int = 4
     resend_after_s: float = 10.0
     tags: tuple[str, ...] = ()  # reported in the retained status (rollout targeting)
+    broker_options: dict[str, Any] = field(default_factory=dict)  # username, password, ca/cert/key files
 
 
 class Uplink:
@@ -69,7 +70,11 @@ class Uplink:
         # Messages a component claims first (bundle chunks for a rollout's download), then the sync loop.
         self.message_routes: list[Callable[[str, bytes], bool]] = []
         self.tick_hooks: list[Callable[[], None]] = []  # run on the sync thread every round
-        self.transport = MqttTransport(BrokerConfig.from_url(cfg.broker_url, self.device_id),
+        broker = BrokerConfig.from_url(cfg.broker_url, self.device_id)
+        if cfg.broker_options:
+            broker = BrokerConfig(**{**broker.__dict__, **cfg.broker_options,
+                                     "tls": broker.tls or bool(cfg.broker_options.get("ca_file"))})
+        self.transport = MqttTransport(broker,
                                        on_message=self._on_message, on_connection_change=self._on_connection,
                                        will=(will.topic, will.to_wire(), will.QOS, will.RETAIN))
         self.transport.subscribe(p.device_subscription(self.device_id), qos=1)

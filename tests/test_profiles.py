@@ -21,9 +21,10 @@ def test_shipped_profiles_parse(name: str) -> None:
     assert p.allow_spinning is False  # spinning idle threads cost ~half a core
 
 
-def test_every_file_in_devices_is_listed() -> None:
+def test_every_profile_in_devices_is_listed_and_the_example_config_is_not() -> None:
     root = Path(__file__).resolve().parent.parent / "devices"
-    assert {p.stem for p in root.glob("*.toml")} <= set(available_profiles())
+    profiles = {p.stem for p in root.glob("*.toml") if not p.name.endswith(".example.toml")}
+    assert profiles <= set(available_profiles()) and "agent.example" not in available_profiles()
 
 
 def write(tmp_path: Path, text: str) -> Path:
