@@ -189,6 +189,7 @@ class Pipeline:
         self.swaps = 0
         self._shadow: _Shadow | None = None
         self.stopping = False
+        self.beat_ns = time.perf_counter_ns()  # the thread's last sign of life (the agent's watchdog reads it)
         # Drift monitoring: inputs are gathered per sample (a reference append) and handed to the
         # monitor every ``drift_every`` samples, so its vectorised update costs ~2 us per sample.
         self.drift = drift
@@ -264,7 +265,7 @@ class Pipeline:
                 break
             if self.stopping:
                 return False
-            t0 = clock()  # idle polling is not read time
+            t0 = self.beat_ns = clock()  # idle polling is not read time (and shows the thread is alive)
         t1 = clock()
         self.metrics.inputs += 1
         try:
@@ -288,7 +289,7 @@ class Pipeline:
         except Exception as e:  # onnxruntime's runtime errors (e.g. a bad value inside the graph)
             self._error("inference", n, f"inference failed: {str(e).splitlines()[0][:300]}")
             return
-        t3 = time.perf_counter_ns()
+        t3 = self.beat_ns = time.perf_counter_ns()
         labels = self.postprocess.labels(outputs)
         top = None
         if labels is not None:
@@ -463,6 +464,7 @@ class Pipeline:
                 if deadline is None and not raw:
                     if self.stopping:
                         return records, raw, True
+                    self.beat_ns = time.perf_counter_ns()
                     continue
                 break
             self.metrics.inputs += 1

@@ -57,6 +57,12 @@ class Agent:
         self.telemetry_interval_s = telemetry_interval_s
         self.feedback_router = feedback
         self._machine_marks: dict[str, tuple[float, float]] = {}
+        # systemd (Type=notify): READY once every pipeline runs, WATCHDOG while the loops make progress,
+        # STATUS with the throughput, STOPPING on the way out. A no-op without $NOTIFY_SOCKET.
+        from edge_runtime.sdnotify import Notifier
+
+        self.notifier = Notifier()
+        self.stall_s = 60.0  # no pipeline progress for this long (with inputs waiting): stop pinging
         self.stop_reason: str | None = None
         self._stop = threading.Event()
         self.started_at = datetime.now(UTC)
@@ -66,6 +72,7 @@ class Agent:
     def stop(self, reason: str = "stopped") -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+            self.notifier.stopping()
         self._stop.set()
         for w in self.workers:
             w.pipeline.stopping = True
@@ -101,10 +108,12 @@ class Agent:
             self._cpu0 = cpu_seconds()
             for w in self.workers:
                 w.pipeline.started = self._t0
+                w.pipeline.beat_ns = time.perf_counter_ns()
                 w.thread = threading.Thread(target=self._work, args=(w,), name=f"pipeline-{w.pipeline.name}",
                                             daemon=True)
                 w.thread.start()
             now = time.monotonic()
+            self.notifier.ready(status=f"serving {len(self.workers)} pipeline(s)")
             next_status = now + self.status_interval_s
             next_metrics = now + self.metrics_interval_s
             next_telemetry = now + min(self.telemetry_interval_s, 2.0)  # the first one soon after start
@@ -112,9 +121,13 @@ class Agent:
                 # Short waits keep signal handling prompt; an idle agent wakes twice a second at most.
                 self.workers[0].done.wait(0.5)
                 now = time.monotonic()
+                if not self.stalled():
+                    self.notifier.tick(now)  # a stuck pipeline stops the pings: systemd restarts the agent
                 if self.status_interval_s > 0 and now >= next_status:
                     next_status += self.status_interval_s
-                    log.info("%s", self.status_line())
+                    line = self.status_line()
+                    log.info("%s", line)
+                    self.notifier.status(line)
                 if self.on_telemetry is not None and self.telemetry_interval_s > 0 and now >= next_telemetry:
                     next_telemetry = now + self.telemetry_interval_s
                     self._hook("telemetry", lambda: self.on_telemetry(self.telemetry()))  # type: ignore[misc]
@@ -125,6 +138,12 @@ class Agent:
                 assert w.thread is not None
                 w.thread.join()
         return self.report()
+
+    def stalled(self) -> list[str]:
+        """Pipelines whose thread has shown no sign of life (an input served, or an idle poll of its source,
+        at least every ``poll_s``) for ``stall_s``: a hung model run or a source read that never returns."""
+        limit = time.perf_counter_ns() - int(self.stall_s * 1e9)
+        return [w.pipeline.name for w in self.workers if not w.done.is_set() and w.pipeline.beat_ns < limit]
 
     @staticmethod
     def _hook(what: str, fn: Callable[[], None]) -> None:
