@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write each prediction as a JSON line to FILE ('-' for stdout)")
     run.add_argument("--status-interval", type=float, default=30.0, metavar="S",
                      help="log a status line every S seconds (0: never; default 30)")
+    run.add_argument("--metrics-port", type=int, default=int(os.environ.get("EDGE_RUNTIME_METRICS_PORT") or 0),
+                     metavar="PORT", help="serve Prometheus /metrics on 127.0.0.1:PORT (prometheus extra; 0: off)")
+    run.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                     help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 exposes it)")
     run.add_argument("--metrics-interval", type=float, default=60.0, metavar="S",
                      help="with --broker: a durable metric snapshot per model every S seconds (default 60)")
     run.add_argument("--telemetry-interval", type=float, default=10.0, metavar="S",
@@ -213,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "machine, and show the execution providers onnxruntime has.")
     prof.add_argument("--json", action="store_true")
     prof.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    from edge_runtime import doctor
+
+    doctor.add_parser(sub)
     return parser
 
 
@@ -357,9 +364,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         uplink.start()
         for d in deployers:
             d.start()
+    prom = None
+    if args.metrics_port:
+        from edge_runtime.prom import start_metrics_server
+
+        prom = start_metrics_server(agent, args.metrics_port, addr=args.metrics_addr, uplink=uplink,
+                                    deployers=deployers_by_name)
+        log.info("Prometheus metrics on http://%s:%d/metrics", args.metrics_addr, prom.port)
     try:
         report = agent.run()
     finally:
+        if prom is not None:
+            prom.shutdown()
         if pred_out is not None and pred_out is not sys.stdout:
             pred_out.close()
         for d in deployers:
@@ -792,10 +808,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", e)
             return EXIT_ERROR
     _setup_logging(args.log_level)
+    from edge_runtime import doctor
     from edge_runtime.quantize import cmd_quantize
 
     handlers = {"run": cmd_run, "bench": cmd_bench, "profiles": cmd_profiles, "keygen": cmd_keygen,
-                "bundle": cmd_bundle, "quantize": cmd_quantize}
+                "bundle": cmd_bundle, "quantize": cmd_quantize, "doctor": doctor.cmd_doctor}
     try:
         return handlers[args.command](args)
     except EdgeRuntimeError as e:

@@ -663,7 +663,7 @@ class Pipeline:
         frequencies on the device and in the reference data, their distances, and the alarms of the
         calibrated per-window test."""
         ref = self.drift.reference
-        alarms = [a.to_dict() for a in self.drift.alarms if a.kind == "predictions"]
+        alarms = [a.to_dict() for a in self.drift.alarms if a.kind == "prediction"]
         if ref.classes is None:
             return {"available": False, "reason": "the reference profile has no output distribution",
                     "alarms": alarms, "alarmed": bool(alarms)}
