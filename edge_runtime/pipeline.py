@@ -300,8 +300,10 @@ class Pipeline:
                 lab = int(labels[0])
                 counts[lab] = counts.get(lab, 0) + 1
                 if si is not None:
-                    top = outputs[si][0, labels]
-                    t = float(top[0])
+                    scores = outputs[si]
+                    t = float(scores[0, lab])
+                    if self.sink is not None or self._shadow is not None:
+                        top = scores[0, labels]
                     if not t >= self.low_confidence:  # also true for NaN
                         if math.isfinite(t):
                             m.low_confidence += 1
@@ -312,9 +314,12 @@ class Pipeline:
                     counts[lab] = counts.get(lab, 0) + 1
                 if si is not None:
                     top = outputs[si][np.arange(n), labels]
-                    finite = np.isfinite(top)
-                    m.low_confidence += int((top[finite] < self.low_confidence).sum())
-                    m.null_outputs += n - int(finite.sum())
+                    null = n - np.count_nonzero(np.isfinite(top))
+                    low = np.count_nonzero(top < self.low_confidence)  # NaN compares False: not counted
+                    if null:
+                        low -= np.count_nonzero(top == -np.inf)  # -inf is null, not low
+                        m.null_outputs += int(null)
+                    m.low_confidence += int(low)
         if self.sink is not None:
             self.sink(records, labels, top, outputs)
         self.metrics.record_batch(t0, t1, t2, t3, time.perf_counter_ns(), n)
