@@ -338,6 +338,7 @@ class _Device:
     agent_version: str = ""
     models: tuple[p.ModelStatus, ...] = ()
     tags: tuple[str, ...] = ()
+    conn: int = 0  # the connection number of the boot's latest online status
     status_ms: int | None = None           # when the last status was received
     status_time_ms: int | None = None      # its own time_ms
     offline_since_ms: int | None = None
@@ -441,6 +442,10 @@ class FleetState:
                     and msg.time_ms < dev.boot_time_ms):
                 _bump(self._counters, "status_ignored")
                 return
+            if msg.boot_id == dev.boot_id and msg.conn and dev.conn and msg.conn < dev.conn:
+                # The will of an earlier connection of this boot, delivered after the device reconnected.
+                _bump(self._counters, "status_ignored")
+                return
             if dev.online is not False:
                 dev.offline_since_ms = now_ms
             dev.online = False
@@ -455,6 +460,7 @@ class FleetState:
         dev.agent_version = msg.agent_version
         dev.models = msg.models
         dev.tags = msg.tags
+        dev.conn = msg.conn
         dev.status_ms = now_ms
         dev.status_time_ms = msg.time_ms
         self._seen(dev, now_ms)

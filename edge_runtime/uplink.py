@@ -66,7 +66,7 @@ class Uplink:
         self._model_json: dict[str, str] = {}
         self.label_sink: Callable[[Any, Any], bool] | None = None
         self.labels_unresolved = 0
-        will = p.last_will(self.device_id, self.boot_id, time_ms=int(time.time() * 1000), agent_version=__version__)
+        self._conn = 0  # connections of this boot: the will and the online status carry the number
         # Messages a component claims first (bundle chunks for a rollout's download), then the sync loop.
         self.message_routes: list[Callable[[str, bytes], bool]] = []
         self.tick_hooks: list[Callable[[], None]] = []  # run on the sync thread every round
@@ -76,7 +76,7 @@ class Uplink:
                                      "tls": broker.tls or bool(cfg.broker_options.get("ca_file"))})
         self.transport = MqttTransport(broker,
                                        on_message=self._on_message, on_connection_change=self._on_connection,
-                                       will=(will.topic, will.to_wire(), will.QOS, will.RETAIN))
+                                       will=self._next_will)
         self.transport.subscribe(p.device_subscription(self.device_id), qos=1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
@@ -105,6 +105,13 @@ class Uplink:
         for item in msg.labels:
             if self.label_sink is None or not self.label_sink(item.ref, item.label):
                 self.labels_unresolved += 1
+
+    def _next_will(self) -> tuple[str, bytes, int, bool]:
+        """The Last Will of the next connection (the transport asks before every connect)."""
+        self._conn += 1
+        will = p.last_will(self.device_id, self.boot_id, time_ms=int(time.time() * 1000), agent_version=__version__,
+                           conn=self._conn)
+        return will.topic, will.to_wire(), will.QOS, will.RETAIN
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         for route in self.message_routes:
@@ -151,7 +158,7 @@ class Uplink:
     def _status(self, online: bool) -> None:
         models = self.models_fn() if self.models_fn is not None else [(n, v, "active") for n, v in self.models]
         st = p.Status(self.device_id, online, self.boot_id, int(time.time() * 1000), __version__,
-                      tuple(p.ModelStatus(n, v, s) for n, v, s in models), self.cfg.tags)
+                      tuple(p.ModelStatus(n, v, s) for n, v, s in models), self.cfg.tags, self._conn)
         self.transport.publish(st.topic, st.to_wire(), qos=st.QOS, retain=st.RETAIN)
 
     def _run(self) -> None:

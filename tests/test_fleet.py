@@ -449,3 +449,14 @@ def test_an_empty_window_keeps_the_last_rates() -> None:
     fleet.observe_telemetry(telemetry(T0 + 120_000, {"digits": pipe(inputs=3000, errors=20)}), T0 + 120_000)
     (row,) = fleet.devices(T0 + 120_000)
     assert row["error_rate"] == 0.0
+
+
+def test_a_late_will_of_an_earlier_connection_does_not_mark_a_reconnected_device_offline() -> None:
+    fleet = FleetState()
+    online = p.Status("dev-1", True, "boot-a", T0, "0.1.0", (p.ModelStatus("digits", "3", "active"),), (), 2)
+    fleet.observe_status(online, T0)
+    stale = p.last_will("dev-1", "boot-a", time_ms=T0 - 5000, conn=1)
+    fleet.observe_status(stale, T0 + 10)
+    assert fleet.state("dev-1", T0 + 10) == "online"
+    fleet.observe_status(p.last_will("dev-1", "boot-a", time_ms=T0, conn=2), T0 + 20)
+    assert fleet.state("dev-1", T0 + 20) == "offline"

@@ -155,8 +155,14 @@ def test_transport_receives_renews_subscriptions_after_broker_restart(broker_fac
         got.append((topic, payload))
         arrived.set()
 
+    wills: list[int] = []
+
+    def will() -> tuple[str, bytes, int, bool]:  # asked before every connect: the will names the connection
+        wills.append(len(wills) + 1)
+        return "edge/v1/dev-1/status", f"will {len(wills)}".encode(), 1, True
+
     t = MqttTransport(BrokerConfig.from_url(broker.url, "dev-1"), on_message=on_message,
-                      on_connection_change=changes.append, backoff=Backoff(min_s=0.1, max_s=0.5))
+                      on_connection_change=changes.append, backoff=Backoff(min_s=0.1, max_s=0.5), will=will)
     t.subscribe("edge/v1/dev-1/cmd/#")
     t.start()
     try:
@@ -173,6 +179,7 @@ def test_transport_receives_renews_subscriptions_after_broker_restart(broker_fac
         while not (t.connected and changes.count(True) >= 2) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert changes[:3] == [True, False, True]
+        assert len(wills) >= 2  # a fresh will for the new connection
         assert t.publish("edge/v1/dev-1/status", b"up") is not None
         arrived.clear()
         sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sender2", protocol=mqtt.MQTTv5)

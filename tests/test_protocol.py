@@ -669,3 +669,12 @@ def test_status_tags_are_validated_sorted_and_left_out_when_empty() -> None:
     for bad in (["a b"], ["$sys"], [7], ["x"] * (p.MAX_TAGS + 1), "site:lab"):
         with pytest.raises(ProtocolError):
             p.Status(DEV, True, "b1", 1, "", (), bad)  # type: ignore[arg-type]
+
+
+def test_status_connection_numbers_round_trip_and_stay_out_when_zero() -> None:
+    will = p.last_will(DEV, "b1", time_ms=5, conn=3)
+    back = decode(will.topic, will.to_wire())
+    assert isinstance(back, p.Status) and (back.online, back.conn) == (False, 3)
+    assert b"conn" not in p.last_will(DEV, "b1", time_ms=5).to_wire()
+    with pytest.raises(ProtocolError):
+        p.Status(DEV, True, "b1", 1, conn=-1)

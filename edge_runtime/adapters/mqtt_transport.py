@@ -81,7 +81,7 @@ class MqttTransport:
 
     def __init__(self, cfg: BrokerConfig, *, on_message: Callable[[str, bytes], None] | None = None,
                  on_connection_change: Callable[[bool], None] | None = None,
-                 will: tuple[str, bytes, int, bool] | None = None,
+                 will: tuple[str, bytes, int, bool] | Callable[[], tuple[str, bytes, int, bool]] | None = None,
                  on_publish_result: Callable[[int, str | None], None] | None = None,
                  backoff: Backoff | None = None) -> None:
         self.cfg = cfg
@@ -105,7 +105,9 @@ class MqttTransport:
         if cfg.tls:
             self._client.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file,
                                  cert_reqs=ssl.CERT_REQUIRED)
-        if will is not None:
+        # A callable will is asked again before every connect (the will can then name the connection).
+        self._will = will if callable(will) else None
+        if will is not None and not callable(will):
             topic, payload, qos, retain = will
             self._client.will_set(topic, payload, qos=qos, retain=retain)
         self._client.on_connect = self._handle_connect
@@ -141,6 +143,9 @@ class MqttTransport:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
+                if self._will is not None:
+                    topic, payload, qos, retain = self._will()
+                    self._client.will_set(topic, payload, qos=qos, retain=retain)
                 props = None
                 if self.cfg.protocol == 5:
                     props = Properties(PacketTypes.CONNECT)

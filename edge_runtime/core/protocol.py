@@ -601,6 +601,7 @@ class Status(_Message):
     agent_version: str = ""
     models: tuple[ModelStatus, ...] = ()
     tags: tuple[str, ...] = ()  # the device's labels for rollout targeting ("site:lab", "hw:pi5"); sorted
+    conn: int = 0  # the connection's number within the boot (1, 2, ...): tells a late Last Will from a live one
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
@@ -617,6 +618,7 @@ class Status(_Message):
         if len(tags) > MAX_TAGS:
             raise ProtocolError("bad_value", f"{len(tags)} tags, at most {MAX_TAGS}")
         _set(self, "tags", tuple(sorted({_ident(t, f"tags[{i}]", _TAG_RE) for i, t in enumerate(tags)})))
+        _int(self.conn, "conn")
 
     def _to_obj(self) -> dict[str, Any]:
         out = {"online": self.online, "boot_id": self.boot_id, "time_ms": self.time_ms,
@@ -624,6 +626,8 @@ class Status(_Message):
                "models": [{"name": m.name, "version": m.version, "state": m.state} for m in self.models]}
         if self.tags:
             out["tags"] = list(self.tags)
+        if self.conn:
+            out["conn"] = self.conn
         return out
 
     @classmethod
@@ -632,16 +636,18 @@ class Status(_Message):
         return cls(device_id, _get(o, "online"), _get(o, "boot_id"), _get(o, "time_ms"),
                    o.get("agent_version", ""),
                    tuple(ModelStatus._from_obj(m, f"models[{i}]") for i, m in enumerate(models)),
-                   tuple(_list(o.get("tags", []), "tags")))
+                   tuple(_list(o.get("tags", []), "tags")), o.get("conn", 0))
 
 
-def last_will(device_id: str, boot_id: str, *, time_ms: int, agent_version: str = "") -> Status:
+def last_will(device_id: str, boot_id: str, *, time_ms: int, agent_version: str = "", conn: int = 0) -> Status:
     """The offline Status to register as Last Will at connect (and to publish on a clean shutdown).
 
     The broker publishes the will later, so its ``time_ms`` is the registration time: the cloud should
-    date "went offline" by when it received the will, not by this field.
+    date "went offline" by when it received the will, not by this field. ``conn`` numbers the connection
+    within the boot: a will of connection 1 that the broker delivers after the device's online status
+    of connection 2 (a quick reconnect) is stale, and the cloud ignores it.
     """
-    return Status(device_id, False, boot_id, time_ms, agent_version, ())
+    return Status(device_id, False, boot_id, time_ms, agent_version, (), (), conn)
 
 
 @dataclass(frozen=True, slots=True)
