@@ -1,5 +1,5 @@
 # The two commands of the quick start. Both work on a fresh Debian machine with Python 3.11 and apt.
-#   make demo   set up .venv, build the sample model, run the agent on it, benchmark it
+#   make demo   set up .venv, build the sample models, benchmark the loop, run the fleet demo
 #   make test   set up .venv with the dev extras (and Mosquitto), run ruff and the whole test suite
 
 PYTHON ?= python3
@@ -14,7 +14,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[models]'
+	$(BIN)/python -m pip install --quiet -e '.[models,signing,cloud]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
@@ -25,12 +25,11 @@ $(MODELS)/digits_mlp.onnx: $(wildcard models/*.py) | $(VENV)/.installed-demo
 	$(BIN)/python models/build_all.py --out $(MODELS)
 
 demo: $(VENV)/.installed-demo $(MODELS)/digits_mlp.onnx
-	@echo "== edge-runtime run: the sample digits model over its test set (5000 inputs) =="
-	$(BIN)/edge-runtime run --model $(MODELS)/digits_mlp.onnx --source npy:$(MODELS)/digits_mlp.test_x.npy \
-		--loop --max-inputs 5000 --report-json $(MODELS)/demo-report.json
+	@echo "== edge-runtime bench: the agent loop against bare onnxruntime session.run =="
+	$(BIN)/edge-runtime bench --model $(MODELS)/digits_mlp.onnx --seconds 2
 	@echo
-	@echo "== edge-runtime bench: agent loop against bare onnxruntime session.run =="
-	$(BIN)/edge-runtime bench --model $(MODELS)/digits_mlp.onnx --seconds 3
+	@echo "== edge-runtime demo: a fleet of three, drift on one, retraining, a rollout (Ctrl-C ends it) =="
+	$(BIN)/edge-runtime demo --duration 120
 
 # Mosquitto (Debian's package) is the real broker the tests start on a free loopback port.
 mosquitto:

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundles-dir", default=os.environ.get("CLOUD_SYNC_BUNDLES", "cloud-sync-bundles"), metavar="DIR",
                    help="where rollouts keep the bundles they publish (republished after a broker restart; "
                         "default $CLOUD_SYNC_BUNDLES or cloud-sync-bundles)")
+    s.add_argument("--chunk-kb", type=int, metavar="KB",
+                   help="bundle chunk size for rollouts (default 64; 16 with --embedded-broker, whose broker "
+                        "refuses messages over about 20 KB)")
     s.add_argument("--keep-predictions-days", type=float, default=30.0, metavar="D",
                    help="delete prediction records older than D days (default 30; 0: keep all)")
     s.add_argument("--keep-history-days", type=float, default=365.0, metavar="D",
@@ -339,6 +342,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         review_below=args.review_below, review_per_device_hour=args.review_per_device_hour,
                         retrain_command=args.retrain_command, retrain_topic=args.retrain_topic,
                         bundles_dir=args.bundles_dir,
+                        chunk_size=(args.chunk_kb or (16 if args.embedded_broker else 64)) * 1024,
                         keep_predictions_s=args.keep_predictions_days * 86400 or None,
                         keep_history_s=args.keep_history_days * 86400 or None)
     for b in args.bundle:

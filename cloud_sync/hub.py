@@ -49,7 +49,8 @@ class Hub:
                  review_below: float | None = 0.5, review_per_device_hour: int = 20,
                  retrain_command: str | None = None, retrain_topic: str | None = None,
                  retrain_dir: str | Path | None = None, replay_s: float = 3600.0, bundle_transport: Any = None,
-                 bundle_window: Any = None, bundles_dir: str | Path | None = None) -> None:
+                 bundle_window: Any = None, bundles_dir: str | Path | None = None,
+                 chunk_size: int | None = None) -> None:
         self.store = store
         self.rules = rules
         self.publish = publish
@@ -70,7 +71,7 @@ class Hub:
         self._webhooks: queue.Queue[tuple[str, float, bytes]] = queue.Queue(maxsize=1000)
         self._webhook_thread: threading.Thread | None = None
         self.rollouts_service = RolloutService(self, publish, transport=bundle_transport, window=bundle_window,
-                                               bundles_dir=bundles_dir, clock=clock)
+                                               bundles_dir=bundles_dir, clock=clock, chunk_size=chunk_size)
         if replay_s > 0:
             self.replay(self.now_ms() - int(replay_s * 1000))
 

@@ -217,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "machine, and show the execution providers onnxruntime has.")
     prof.add_argument("--json", action="store_true")
     prof.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    from edge_runtime import doctor
+    from edge_runtime import demo, doctor
 
     doctor.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 
@@ -794,6 +795,12 @@ def _apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                                + (f" ({path})" if path else f" (none at {agent_config.DEFAULT_PATH})"))
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edge_runtime.demo import cmd_demo
+
+    return cmd_demo(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -812,7 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edge_runtime.quantize import cmd_quantize
 
     handlers = {"run": cmd_run, "bench": cmd_bench, "profiles": cmd_profiles, "keygen": cmd_keygen,
-                "bundle": cmd_bundle, "quantize": cmd_quantize, "doctor": doctor.cmd_doctor}
+                "bundle": cmd_bundle, "quantize": cmd_quantize, "doctor": doctor.cmd_doctor, "demo": _cmd_demo}
     try:
         return handlers[args.command](args)
     except EdgeRuntimeError as e:
