@@ -159,14 +159,6 @@ LEVELS: Final[Mapping[int, AutomationLevel]] = MappingProxyType({row.level: row 
 class PlanError(ConfigError):
     """A plan file is wrong: ``path``, ``line`` (where found), ``key``, ``expected`` and ``got``."""
 
-    def __init__(self, message: str, *, path: str | None = None, key: str | None = None, line: int | None = None,
-                 expected: str | None = None, got: str | None = None) -> None:
-        if expected is not None:
-            message += f": expected {expected}, got {got}"
-        super().__init__(message, path=path, key=key, line=line)
-        self.expected = expected
-        self.got = got
-
 
 class RolloutError(EdgeRuntimeError):
     """A rollout cannot be built or loaded as asked; ``rollout_id`` names it where known."""

@@ -89,14 +89,6 @@ _MAX_RESOLVED: Final = 1000
 class RulesError(ConfigError):
     """A rules file is wrong: ``path``, ``line`` (where found), ``key``, ``expected`` and ``got``."""
 
-    def __init__(self, message: str, *, path: str | None = None, key: str | None = None, line: int | None = None,
-                 expected: str | None = None, got: str | None = None) -> None:
-        if expected is not None:
-            message += f": expected {expected}, got {got}"
-        super().__init__(message, path=path, key=key, line=line)
-        self.expected = expected
-        self.got = got
-
 
 class AlertError(EdgeRuntimeError):
     """An alert operation that the lifecycle does not allow, or alert state that cannot be loaded."""

@@ -17,7 +17,9 @@ class ConfigError(EdgeRuntimeError):
     """A configuration or device-profile file is wrong; names the file, the key and the line."""
 
     def __init__(self, message: str, *, path: str | None = None, key: str | None = None,
-                 line: int | None = None) -> None:
+                 line: int | None = None, expected: str | None = None, got: str | None = None) -> None:
+        if expected is not None:
+            message += f": expected {expected}, got {got}"
         where = ""
         if path:
             where = f"{path}:{line}: " if line else f"{path}: "
@@ -25,6 +27,8 @@ class ConfigError(EdgeRuntimeError):
         self.path = path
         self.key = key
         self.line = line
+        self.expected = expected
+        self.got = got
 
 
 class ModelLoadError(EdgeRuntimeError):
