@@ -47,7 +47,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Protocol
 
-from edge_runtime.config import TomlDoc
+from edge_runtime.config import TomlDoc, TomlLines
 from edge_runtime.errors import ConfigError, EdgeRuntimeError
 
 __all__ = [
@@ -272,8 +272,6 @@ class Plan:
         return names[i + 1] if i + 1 < len(names) else DONE
 
 
-_HEADER_RE: Final = re.compile(r"^\s*(\[\[?)\s*([^\[\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY_RE: Final = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.-]+)\s*=""")
 _TOML_LINE_RE: Final = re.compile(r"at line (\d+)")
 _TYPE_NAMES: Final[Mapping[type, str]] = {bool: "a boolean", int: "an integer", float: "a number",
                                           str: "a string", list: "an array", dict: "a table"}
@@ -284,41 +282,8 @@ def _got(v: object) -> str:
     return f"{type(v).__name__} {v!r}"
 
 
-class _Doc:
-    """The plan text with the line of every key, tables of ``[[step]]`` found by their index."""
-
-    def __init__(self, doc: TomlDoc) -> None:
-        self.path = doc.path
-        self.data = doc.data
-        self._lines: dict[tuple[tuple[Any, ...], str | None], int] = {}
-        current: tuple[Any, ...] = ()
-        arrays: dict[tuple[str, ...], int] = {}
-        for n, line in enumerate(doc.text.splitlines(), start=1):
-            m = _HEADER_RE.match(line)
-            if m:
-                name = tuple(part.strip().strip("\"'") for part in m.group(2).split("."))
-                if m.group(1) == "[[":
-                    current = (*name, arrays.get(name, 0))
-                    arrays[name] = arrays.get(name, 0) + 1
-                else:
-                    current = name
-                self._lines.setdefault((current, None), n)
-                continue
-            k = _KEY_RE.match(line)
-            if k:
-                self._lines.setdefault((current, k.group(1).strip("\"'")), n)
-
-    def line(self, table: tuple[Any, ...], key: str | None = None) -> int | None:
-        """The line of ``key`` in ``table``, else of the table's header, else of the key naming the table
-        (an inline table)."""
-        found = self._lines.get((table, key))
-        if found is None and key is not None:      # a key that is itself a table: [key] or [[key]]
-            found = self._lines.get(((*table, key), None)) or self._lines.get(((*table, key, 0), None))
-        if found is None:
-            found = self._lines.get((table, None))
-        if found is None and table:
-            found = self._lines.get((table[:-1], str(table[-1])))
-        return found
+class _Doc(TomlLines):
+    """The plan text with the line of every key; errors as :class:`PlanError`."""
 
     def error(self, where: str, table: tuple[Any, ...], key: str | None, message: str, *,
               expected: str | None = None, got: object = _MISSING) -> PlanError:

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
-from edge_runtime.config import TomlDoc
+from edge_runtime.config import TomlDoc, TomlLines
 from edge_runtime.errors import ConfigError, EdgeRuntimeError
 
 if TYPE_CHECKING:
@@ -172,7 +172,6 @@ class RuleSet:
 # --------------------------------------------------------------------------------------------------
 # Loading.
 
-_HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([^\[\]]+?)\s*\]\]?\s*(#.*)?$")
 _TOML_LINE_RE = re.compile(r"at line (\d+)")
 _TYPE_NAMES: Final[Mapping[type, str]] = {bool: "a boolean", int: "an integer", float: "a number",
                                           str: "a string", list: "an array", dict: "a table"}
@@ -182,34 +181,8 @@ def _got(v: object) -> str:
     return f"{type(v).__name__} {v!r}"
 
 
-class _Doc:
-    """The rules text with line lookup for ``[[rule]]`` entries by index and ``[sinks.NAME]`` tables."""
-
-    def __init__(self, doc: TomlDoc) -> None:
-        self.path = doc.path
-        self.data = doc.data
-        self._keys: dict[tuple[tuple[Any, ...], str | None], int] = {}
-        current: tuple[Any, ...] = ()
-        arrays: dict[tuple[str, ...], int] = {}
-        key_re = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.-]+)\s*=""")
-        for n, line in enumerate(doc.text.splitlines(), start=1):
-            m = _HEADER_RE.match(line)
-            if m:
-                name = tuple(part.strip().strip("\"'") for part in m.group(2).split("."))
-                if m.group(1) == "[[":
-                    current = (*name, arrays.get(name, 0))
-                    arrays[name] = arrays.get(name, 0) + 1
-                else:
-                    current = name
-                self._keys.setdefault((current, None), n)
-                continue
-            k = key_re.match(line)
-            if k:
-                self._keys.setdefault((current, k.group(1).strip("\"'")), n)
-
-    def line(self, table: tuple[Any, ...], key: str | None = None) -> int | None:
-        """The line of ``key`` in ``table`` (or of the table's header), when it can be found."""
-        return self._keys.get((table, key)) or self._keys.get((table, None))
+class _Doc(TomlLines):
+    """The rules text with the line of every key (``[[rule]]`` entries by index); errors as :class:`RulesError`."""
 
     def error(self, where: str, table: tuple[Any, ...], key: str | None, message: str, *,
               expected: str | None = None, got: object = None) -> RulesError:

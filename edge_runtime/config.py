@@ -79,6 +79,48 @@ def check_table(doc: TomlDoc, table: Mapping[str, Any], schema: Mapping[str, typ
                             f"{value!r}", where, key)
 
 
+_HEADER_LINE = re.compile(r"^\s*(\[\[?)\s*([^\[\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_LINE = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.-]+)\s*=""")
+
+
+class TomlLines:
+    """The line of every key of a TOML text, arrays of tables (``[[step]]``) told apart by their index:
+    ``line(("step", 2), "percent")`` is the third ``[[step]]``'s ``percent``."""
+
+    def __init__(self, doc: TomlDoc) -> None:
+        self.path = doc.path
+        self.data = doc.data
+        self._lines: dict[tuple[tuple[Any, ...], str | None], int] = {}
+        current: tuple[Any, ...] = ()
+        arrays: dict[tuple[str, ...], int] = {}
+        for n, line in enumerate(doc.text.splitlines(), start=1):
+            m = _HEADER_LINE.match(line)
+            if m:
+                name = tuple(part.strip().strip("\"'") for part in m.group(2).split("."))
+                if m.group(1) == "[[":
+                    current = (*name, arrays.get(name, 0))
+                    arrays[name] = arrays.get(name, 0) + 1
+                else:
+                    current = name
+                self._lines.setdefault((current, None), n)
+                continue
+            k = _KEY_LINE.match(line)
+            if k:
+                self._lines.setdefault((current, k.group(1).strip("\"'")), n)
+
+    def line(self, table: tuple[Any, ...], key: str | None = None) -> int | None:
+        """The line of ``key`` in ``table``, else of the table the key names (``[key]``, ``[[key]]``), else
+        of the table's header, else of the key naming the table (an inline table)."""
+        found = self._lines.get((table, key))
+        if found is None and key is not None:
+            found = self._lines.get(((*table, key), None)) or self._lines.get(((*table, key, 0), None))
+        if found is None:
+            found = self._lines.get((table, None))
+        if found is None and table:
+            found = self._lines.get((table[:-1], str(table[-1])))
+        return found
+
+
 def require(doc: TomlDoc, table: Mapping[str, Any], key: str, where: tuple[str, ...] = ()) -> Any:
     if key not in table:
         name = f"[{'.'.join(where)}]" if where else "the top level"
