@@ -127,12 +127,6 @@ def _cancel(handle: Any) -> None:
     (getattr(handle, "cancel", None) or handle.close)()
 
 
-def _copy(h: LatencyHistogram) -> LatencyHistogram:
-    c = LatencyHistogram().merge(h)
-    c.count = sum(c.counts)  # the pipeline thread may record while the copy is taken
-    return c
-
-
 class OrderError(EdgeRuntimeError):
     """A rollout order that cannot be followed as given (malformed params)."""
 
@@ -492,7 +486,7 @@ class Deployer:
     def _mark_start(self) -> None:
         m = self.pipeline.metrics
         self._watch_inputs0, self._watch_errors0 = m.inputs, m.error_total
-        self._watch_latency0 = _copy(m.stages["latency"])
+        self._watch_latency0 = m.stages["latency"].snapshot()
 
     def _set_role(self, role: str) -> None:
         if role != self.role:
@@ -506,7 +500,7 @@ class Deployer:
             return
         m = self.pipeline.metrics
         inputs, errors = m.inputs - self._watch_inputs0, m.error_total - self._watch_errors0
-        lat = _copy(m.stages["latency"]).minus(self._watch_latency0)  # since the activation
+        lat = m.stages["latency"].snapshot().minus(self._watch_latency0)  # since the activation
         p99 = lat.quantile(0.99) / 1e6 if lat.count else None
         verdict = self.self_check.decide(inputs, errors, p99)
         if verdict.rollback:

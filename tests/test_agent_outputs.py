@@ -263,3 +263,13 @@ def test_drift_thread_sees_what_the_inline_monitor_sees_and_drops_rather_than_bl
     dropped = r["errors"]["by_reason"].get("drift_dropped", 0)
     assert r["predictions"] == len(x) and dropped > 0 and dropped % 16 == 0
     assert served < 0.2 * len(x) / 16 / 2  # inference did not wait for the monitor
+
+
+def test_a_histogram_snapshot_is_a_consistent_copy() -> None:
+    h = LatencyHistogram()
+    for v in (10, 2_000, 3_000_000):
+        h.record(v)
+    s = h.snapshot()
+    h.record(5)
+    assert (s.count, sum(s.counts), s.total, s.min, s.max) == (3, 3, 3_002_010, 10, 3_000_000)
+    assert h.count == 4 and h.minus(s).count == 1

@@ -83,6 +83,15 @@ class LatencyHistogram:
         self.total += other.total
         return self
 
+    def snapshot(self) -> LatencyHistogram:
+        """A copy that is consistent (``count`` equals the sum of the buckets) even while another thread
+        records into this one: the counts are copied once and the count is taken from them."""
+        out = LatencyHistogram()
+        out.counts = list(self.counts)
+        out.count = sum(out.counts)
+        out.total, out.min, out.max = self.total, self.min, self.max
+        return out
+
     def minus(self, earlier: LatencyHistogram) -> LatencyHistogram:
         """A new histogram of what was recorded after ``earlier``, a copy of this one taken before
         (fixed buckets make this exact for counts and percentiles; min and max stay those of the

@@ -71,8 +71,7 @@ class PipelineMetrics:
         Counters (inputs, predictions, errors, labels, low-confidence, null) are cumulative since the
         agent started; throughput and the latency percentiles are over the interval since ``previous``
         (the first interval: since the start)."""
-        hist = LatencyHistogram().merge(self.stages["latency"])
-        hist.count = sum(hist.counts)  # the pipeline thread may record while this copy is taken
+        hist = self.stages["latency"].snapshot()  # the pipeline thread may record meanwhile
         window_hist = hist
         predictions0 = 0
         if previous is not None:
