@@ -783,12 +783,10 @@ def _apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     else:
         values = agent_config.load(path)
         log.debug("configuration from %s: %s", path, sorted(values))
-    run_parser = next(a for a in parser._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
-                      if a.prog.endswith(" run"))
+    defaults = vars(parser.parse_args(["run"]))  # what `run` gives each option when it is not on the command line
     for dest, value in values.items():
-        default = run_parser.get_default(dest)
         current = getattr(args, dest, None)
-        if current == default or current in (None, []):
+        if current == defaults.get(dest) or current in (None, []):
             setattr(args, dest, value)
     if not args.model:
         raise EdgeRuntimeError("no model: give --model PATH, or [[model]] path = ... in the config file"
