@@ -924,6 +924,7 @@ class FleetState:
                 "accuracy": {"n": n_labels, "accuracy": _round(correct / n_labels) if n_labels else None},
                 "reference_accuracy": self._reference_accuracy.get(key),
                 "reported_accuracy": _round(sum(a * n for a, n in reported) / n_reported) if n_reported else None,
+                "reported_labels": n_reported,
                 "drift_alarms": len(self._alarm_devices(key)),
                 "drift_score": self._fleet_score(key),
             })

@@ -26,7 +26,9 @@ Gates, per stage, over the cohort: ``shadow_agreement`` (shadow stage only; agre
 ``p99_latency_ms`` and ``error_rate`` (the worst device), ``drift`` (the highest drift score, as the
 fleet scores a version, against the baseline devices' highest plus ``drift_margin``) and ``accuracy``
 (label feedback pooled over the cohort against the baseline devices', both with at least
-``accuracy_min_labels`` labels, minus ``accuracy_margin``). Per-device values must come from every
+``accuracy_min_labels`` labels, minus ``accuracy_margin``; judged from the first step on, because
+labels come back for the answers a device gave, and in the shadow stage those are the previous
+version's: there ``shadow_agreement`` stands in for it). Per-device values must come from every
 cohort device; drift and accuracy baselines fall back to the previous version's :class:`VersionStats`
 when the baseline devices have none (at a 100 % step there are none). A gate without the data it needs
 is ``unknown``: that never passes, the rollout waits.
@@ -589,10 +591,14 @@ class VersionStats:
 
     @classmethod
     def from_fleet_row(cls, row: Mapping[str, Any]) -> VersionStats:
-        """From one row of ``FleetState.models()``: the worst p99, error rate, drift score and label accuracy."""
+        """From one row of ``FleetState.models()``: the worst p99, error rate, drift score and label accuracy
+        (from labels the cloud saw, else from the accuracy the devices report on labels they got)."""
         acc = row.get("accuracy") or {}
+        n, accuracy = int(acc.get("n") or 0), acc.get("accuracy")
+        if not n and row.get("reported_labels"):  # labels that reached the devices, not the cloud
+            n, accuracy = int(row["reported_labels"]), row.get("reported_accuracy")
         return cls(str(row["version"]), (row.get("p99_ms") or {}).get("worst"), row.get("error_rate"),
-                   row.get("drift_score"), int(acc.get("n") or 0), acc.get("accuracy"))
+                   row.get("drift_score"), n, accuracy)
 
 
 @dataclass(frozen=True)
@@ -784,7 +790,7 @@ def _gate_results(plan: Plan, stage: str, cohort: list[DeviceObservation], base:
             baseline, basis = None, "no baseline drift score"
         out.append(_gate("drift", value, None if baseline is None else baseline + g.drift_margin, "<=",
                          f"candidate {detail}; baseline from {basis}"))
-    if g.accuracy_not_worse:
+    if g.accuracy_not_worse and stage != SHADOW:
         n, acc = _pooled_accuracy(cohort)
         value = acc if n >= g.accuracy_min_labels else None
         bn, bacc = _pooled_accuracy(base)

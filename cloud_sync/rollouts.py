@@ -59,7 +59,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -203,6 +203,9 @@ class _Entry:
     gates: list[dict[str, Any]] = field(default_factory=list)           # gate results of the latest judgement
     last: dict[str, Any] | None = None                                  # the latest evaluation's decisions
     withdrawn: bool = False
+    # The previous version's KPIs as last seen while devices still served it: at a 100 % step none does,
+    # and the fleet no longer scores it (kept in memory; a restarted cloud learns them anew).
+    previous_kpis: pl.VersionStats | None = None
 
     @property
     def id(self) -> str:
@@ -512,6 +515,9 @@ class RolloutService:
                     versions[str(k["version"])] = pl.VersionStats.from_fleet_row(k)
                 except (pl.ObservationError, KeyError, TypeError, ValueError) as err:
                     log.debug("rollout %s: KPIs of %s@%s not usable: %s", e.id, plan.model, k.get("version"), err)
+        prev = e.rollout.previous_version
+        if prev in versions or e.previous_kpis is not None:
+            versions[prev] = e.previous_kpis = _remembered(versions.get(prev), e.previous_kpis)
         obs = pl.Observations(tuple(self._observe(e, online)), versions)
         decisions = e.rollout.evaluate(obs, now)
         e.last = {"time_ms": now, "decisions": [d.to_dict() for d in decisions]}
@@ -866,3 +872,17 @@ class RolloutService:
             if e is None:
                 raise KeyError(rollout_id)
             return e.rollout
+
+
+def _remembered(now: pl.VersionStats | None, before: pl.VersionStats | None) -> pl.VersionStats:
+    """``now``'s KPIs, each missing one (no device serves the version any more) taken from ``before``."""
+    if now is None:
+        assert before is not None
+        return before
+    if before is None:
+        return now
+    kw: dict[str, Any] = {name: getattr(before, name) for name in ("p99_ms", "error_rate", "drift_score")
+                          if getattr(now, name) is None}
+    if now.accuracy is None or not now.accuracy_n:
+        kw |= {"accuracy_n": before.accuracy_n, "accuracy": before.accuracy}
+    return replace(now, **kw) if kw else now

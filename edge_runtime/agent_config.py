@@ -61,6 +61,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("drift", "reference", str, "drift_reference", "a reference profile instead of the bundle's"),
     Key("drift", "thread", bool, "drift_thread", "run the monitor on its own thread"),
     Key("drift", "frame_health", bool, "frame_health", "covered-lens/frozen/blur checks on video and cameras"),
+    Key("drift", "summary_interval_s", (int, float), "drift_summary_interval",
+        "drift summaries to the cloud every S seconds (and on each alarm)"),
     Key("outputs", "low_confidence", (int, float), "low_confidence", "top-1 scores below this are low-confidence"),
     Key("review", "samples", str, "review_samples", "none, low-confidence, drift or both"),
     Key("review", "inputs", str, "review_inputs", "none or raw: whether review samples carry the input"),

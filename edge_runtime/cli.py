@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--drift-thread", action="store_true",
                      help="run drift monitoring and frame-health checks on their own thread (default: inline "
                           "every 64 inputs, which kept p99 latency lower here; see benchmarks/RESULTS.md)")
+    run.add_argument("--drift-summary-interval", type=float, default=60.0, metavar="S",
+                     help="send the drift summary (and label-tracker state) every S seconds, and when an alarm "
+                          "opens or closes (default 60)")
     run.add_argument("--no-frame-health", action="store_true",
                      help="no covered-lens / frozen-feed / out-of-focus checks on video and camera frames")
     run.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
@@ -166,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Signed model bundles: a model, its manifest, reference profile, "
                                         "smoke test and an ed25519 signature.")
     bsub = bundle.add_subparsers(dest="bundle_command", metavar="ACTION")
+    bsub.required = True  # `edge-runtime bundle` alone: a usage error naming the actions
     create = bsub.add_parser("create", help="build and sign a bundle",
                              description="Build a bundle from a model and sign its manifest.")
     create.add_argument("--model", required=True, metavar="M", help="an .onnx file (or a bundle directory)")
@@ -341,10 +345,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipelines.append(Pipeline(pname, engine, src, preprocess=pre, batch=args.batch,
                                   max_wait_s=args.max_wait_ms / 1000.0, resize_fn=resize_fn, sink=sink,
                                   drift=monitor, on_drift=_drift_events(pname, uplink, selector), concept=concept,
-                                  on_summary=_drift_summaries(pname, version, uplink),
+                                  on_summary=_drift_summaries(pname, uplink),
                                   low_confidence=args.low_confidence, health=health,
                                   on_health=_health_events(pname, uplink), version=version,
-                                  drift_thread=args.drift_thread))
+                                  drift_thread=args.drift_thread,
+                                  summary_interval_s=args.drift_summary_interval))
     extra = {"profile": profile.to_dict(), "sync": "disabled" if uplink is None else "mqtt",
              "onnxruntime": _ort_version()}
     router = FeedbackRouter(book, pipelines)
@@ -456,7 +461,8 @@ def _deployers(args: argparse.Namespace, pipelines: list[Any], uplink: Any, prof
     deployers = {}
     for pl in pipelines:
         d = Deployer(pl, state_dir=state_dir, keys=keys, profile=profile, fetch=fetch, report=report,
-                     on_state=uplink.status_changed, latency_budget_ms=args.latency_budget_ms)
+                     on_state=uplink.status_changed, latency_budget_ms=args.latency_budget_ms,
+                     monitors=None if args.no_drift else _version_monitors(pl.name))
         uplink.command_sinks.append(d.on_command)
         pl.extra_state["rollout"] = d.state
         deployers[pl.name] = d
@@ -479,6 +485,19 @@ def _drift_monitor(path: Any, name: str) -> Any:
     return DriftMonitor(reference, model=name)
 
 
+def _version_monitors(name: str) -> Any:
+    """For a rollout: the drift monitor and label tracker of an unpacked bundle version (None: keep)."""
+    from edge_runtime.bundle import MANIFEST, REFERENCE
+
+    def monitors(bundle_dir: Path) -> dict[str, Any]:
+        manifest = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
+        ref = bundle_dir / REFERENCE
+        return {"drift": _drift_monitor(ref if ref.is_file() else None, name),
+                "concept": _label_tracker(manifest.get("metrics"))}
+
+    return monitors
+
+
 def _label_tracker(metrics: dict[str, Any] | None) -> Any:
     """Concept-drift tracking needs the accuracy measured at build: a bundle's manifest has it."""
     m = (metrics or {}).get("test") or (metrics or {}).get("reference")
@@ -489,13 +508,14 @@ def _label_tracker(metrics: dict[str, Any] | None) -> Any:
     return LabelTracker(float(m["accuracy"]), reference_count=int(m.get("n") or 0) or None)
 
 
-def _drift_summaries(name: str, version: str, uplink: Any) -> Any:
-    """Drift summaries as `drift` records: the cloud merges them into fleet drift without raw inputs."""
+def _drift_summaries(name: str, uplink: Any) -> Any:
+    """Drift summaries as `drift` records: the cloud merges them into fleet drift without raw inputs.
+    Each names the model version that answered the inputs it summarises (a rollout swaps versions)."""
     if uplink is None:
         return None
     from edge_runtime.core import protocol as p
 
-    def send(summary: Any, since: float, now: float, concept: dict[str, Any] | None) -> None:
+    def send(summary: Any, since: float, now: float, concept: dict[str, Any] | None, version: str) -> None:
         env = p.DriftSummary(name, version, int(since * 1000), int(now * 1000), summary.to_dict(distances=False),
                              concept)
         uplink.record("drift", env.to_payload(), now)

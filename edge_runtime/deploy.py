@@ -165,8 +165,13 @@ class Deployer:
     def __init__(self, pipeline: Any, *, state_dir: str | Path, keys: list[Any], profile: Any,
                  fetch: Fetch, report: Callable[[str, dict[str, Any]], None] | None = None,
                  on_state: Callable[[], None] | None = None, self_check: SelfCheck | None = None,
-                 latency_budget_ms: float | None = None, clock: Callable[[], float] = time.time) -> None:
+                 latency_budget_ms: float | None = None, clock: Callable[[], float] = time.time,
+                 monitors: Callable[[Path], dict[str, Any]] | None = None) -> None:
         self.pipeline = pipeline
+        # A version's own drift monitor and label tracker, from its unpacked bundle (``drift=``,
+        # ``concept=`` for Pipeline.swap): so that drift scores and label accuracy count for the version
+        # that answered, not the one before.
+        self.monitors = monitors
         self.name = pipeline.name
         self.state_dir = Path(state_dir)
         self.bundles_dir = self.state_dir / "bundles"
@@ -405,7 +410,7 @@ class Deployer:
     def _activate(self, version: str, *, promote: bool) -> None:
         engine = self._engines.get(version) or self._load_engine(version)
         self.pipeline.set_shadow(None)
-        if not self.pipeline.swap(engine, version, timeout_s=30):
+        if not self.pipeline.swap(engine, version, timeout_s=30, **self._monitors_of(version)):
             log.warning("%s: the swap to %s waits for the next input", self.name, version)
         self._mark_start()
         self._set_role("candidate")
@@ -413,6 +418,16 @@ class Deployer:
             self._apply("promote", "cloud: role candidate; shadow promoted")
         else:
             self._apply("verified_activate", "verified; switched between two inputs")
+
+    def _monitors_of(self, version: str) -> dict[str, Any]:
+        if self.monitors is None:
+            return {}
+        d = self.bundles_dir / f"{self.name}-{version}"
+        try:
+            return self.monitors(d)
+        except (OSError, ValueError, EdgeRuntimeError) as e:
+            log.warning("%s: version %s keeps the previous monitors: %s", self.name, version, e)
+            return {}
 
     def _load_engine(self, version: str) -> Any:
         from edge_runtime.adapters.onnx_engine import OnnxEngine
@@ -435,7 +450,7 @@ class Deployer:
             if engine is None and prev != self.pipeline.version:
                 engine = self._load_engine(prev)
             if engine is not None and prev != self.pipeline.version:
-                self.pipeline.swap(engine, prev, timeout_s=30)
+                self.pipeline.swap(engine, prev, timeout_s=30, **self._monitors_of(prev))
             self._set_role("baseline")
             self._apply("rollback", reason)
         elif st in ("downloading", "verifying"):
@@ -475,7 +490,8 @@ class Deployer:
             version = self.machine.active.version
             if version != self.pipeline.version:
                 try:
-                    self.pipeline.swap(self._load_engine(version), version, timeout_s=None)
+                    self.pipeline.swap(self._load_engine(version), version, timeout_s=None,
+                                       **self._monitors_of(version))
                     self._mark_start()
                     self._set_role("candidate")
                 except (RolloutError, EdgeRuntimeError) as e:

@@ -148,7 +148,7 @@ class Pipeline:
                  batch: int = 1, max_wait_s: float = 0.005, resize_fn: ResizeFn = resize_nearest,
                  sink: ResultSink | None = None, poll_s: float = 0.25, drift: Any = None,
                  drift_every: int = 64, on_drift: Callable[[list[Any]], None] | None = None,
-                 concept: Any = None, on_summary: Callable[[Any, float, float], None] | None = None,
+                 concept: Any = None, on_summary: Callable[..., None] | None = None,
                  summary_interval_s: float = 60.0, low_confidence: float = 0.5, health: Any = None,
                  on_health: Callable[[list[Any]], None] | None = None, version: str = "",
                  drift_thread: bool = False) -> None:
@@ -437,9 +437,9 @@ class Pipeline:
             return
         now = time.time()
         summary = self.drift.take_summary()
-        if summary.windows:
+        if summary.windows:  # the version that answered these inputs (a swap emits the old one's first)
             self.on_summary(summary, self._summary_since, now,
-                            self.concept.state() if self.concept is not None else None)
+                            self.concept.state() if self.concept is not None else None, self.version)
         self._summary_since = now
 
     def _read_batch(self) -> tuple[list[Record], list[dict[str, Any]], bool]:
@@ -562,6 +562,8 @@ class Pipeline:
         old = self.version
         if self._gather:
             self.drain_drift()  # the old model's inputs go to the old monitor
+        if sw.drift is not None:
+            self.emit_summary()  # and its last windows go out under the old version
         self.engine, self._runners, self.postprocess, self.version = sw.engine, sw.runners, sw.postprocess, sw.version
         if sw.drift is not None:
             self.drift = sw.drift

@@ -52,9 +52,13 @@ def bundles(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, profile)
     shelf = d / "shelf"
     shelf.mkdir()
     out: dict[str, object] = {"keys": load_public_keys([d / "k.pub"]), "shelf": shelf}
-    for version, key in (("2", "k"), ("3", "k"), ("4", "other")):
+    watched = {"reference": str(models_dir / "digits_mlp.train_x.npy"),
+               "test_data": str(models_dir / "digits_mlp.test_x.npy"),
+               "test_labels": str(models_dir / "digits_mlp.test_y.npy")}
+    for version, key in (("2", "k"), ("3", "k"), ("4", "other"), ("5", "k")):
         tar = create_bundle(models_dir / "digits_mlp.onnx", version, d / key, d / f"b{version}.tar",
-                            CreateOptions(archive=True, name="digits_mlp"), profile)
+                            CreateOptions(archive=True, name="digits_mlp", **(watched if version == "5" else {})),
+                            profile)
         bid = f"digits_mlp-{version}"
         shutil.copy(tar, shelf / f"{bid}.tar")
         out[version] = {"bundle_id": bid, "name": "digits_mlp", "version": version,
@@ -111,8 +115,9 @@ def test_candidate_is_verified_swapped_in_rolled_back_and_an_older_one_refused(m
     r = Running(models_dir, profile, tmp_path / "state", bundles)
     try:
         r.dep.on_command(order(bundles["3"], "candidate"))
-        r.wait(lambda: r.pipe.version == "3" and r.dep.role == "candidate", "activation of 3")
+        r.wait(lambda: r.pipe.version == "3" and "rollout_active" in names(r.events), "activation of 3")
         assert names(r.events) == ["rollout_downloading", "rollout_verifying", "rollout_active"]
+        assert r.dep.role == "candidate"
         before = r.pipe.metrics.predictions
         r.wait(lambda: r.pipe.metrics.predictions > before + 50, "serving on 3")
         st = json.loads((tmp_path / "state" / "rollout-digits_mlp.json").read_text())
@@ -240,5 +245,38 @@ def test_an_order_with_a_bad_level_or_review_rule_is_refused(models_dir, profile
             r.dep.on_command(o)
         time.sleep(0.3)
         assert names(r.events) == ["rollout_order_refused"] * 3 and r.pipe.version == "1"
+    finally:
+        r.close()
+
+
+def test_a_promoted_version_gets_its_own_drift_monitor_and_label_tracker(models_dir, profile, bundles,
+                                                                        tmp_path) -> None:
+    """Drift summaries and label accuracy count for the version that answered: the old monitor's last
+    windows go out under the old version, the new one starts afresh from its bundle's reference."""
+    from edge_runtime.bundle import reference_profile
+    from edge_runtime.cli import _label_tracker, _version_monitors
+    from edge_runtime.core.drift import DriftMonitor, load_reference
+
+    r = Running(models_dir, profile, tmp_path / "state", bundles, monitors=_version_monitors("digits_mlp"))
+    try:
+        summaries: list[tuple[str, int]] = []
+        r.pipe.summary_interval_s = 0.2
+        r.pipe.on_summary = lambda s, _a, _b, _c, version: summaries.append((version, s.windows))
+        x = np.load(models_dir / "digits_mlp.train_x.npy")
+        first = DriftMonitor(load_reference(reference_profile(x, r.pipe.engine.spec.inputs[0].name)))
+        old_tracker = _label_tracker({"test": {"accuracy": 0.97, "n": 450}})
+        assert r.pipe.swap(r.pipe.engine, "1", drift=first, concept=old_tracker)  # version 1, now monitored
+        r.pipe.feedback(1, 1)
+        r.wait(lambda: any(v == "1" for v, _ in summaries), "a drift summary of version 1")
+        r.dep.on_command(order(bundles["5"], "shadow"))
+        r.wait(lambda: r.dep.role == "shadow", "shadow")
+        r.dep.on_command(order(bundles["5"], "candidate", seq=2))
+        r.wait(lambda: r.pipe.version == "5", "promotion")
+        assert r.pipe.concept is not old_tracker and r.pipe.concept.labels == 0 and old_tracker.labels == 1
+        assert r.pipe.drift is not None and r.pipe.drift.reference.n_features == 64
+        assert r.pipe.drift is not first
+        r.wait(lambda: any(v == "5" for v, _ in summaries), "a drift summary of version 5")
+        versions = [v for v, _ in summaries]
+        assert versions == sorted(versions) and set(versions) == {"1", "5"}, versions  # never 1 after 5
     finally:
         r.close()

@@ -1,7 +1,9 @@
 """Rollouts to real agents (subprocesses) through a real Mosquitto and the real cloud service: a good
 candidate goes shadow -> 10% -> 50% -> 100% on gates computed from the agents' own metrics; a degraded
 candidate (its answers unrelated to the inputs) is stopped at the shadow gate and rolled back by
-itself at level 5, the agents never serving it."""
+itself at level 5, the agents never serving it. At the human levels the same rollouts wait for a person:
+level 2 asks before every step (with drift and label-accuracy gates fed by real digits and their true
+labels arriving as delayed feedback), level 3 asks when a gate fails and a person rolls back."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import json
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,7 @@ pytestmark = pytest.mark.integration
 MODEL = "digits_mlp"
 
 
-def plan(level: int = 5) -> str:
+def plan(level: int = 5, gates: str = "") -> str:
     return f"""name = "digits-rollout"
 model = "{MODEL}"
 automation_level = {level}
@@ -49,21 +53,24 @@ percent = 100
 shadow_agreement_min = 0.9
 p99_latency_ms_max = 250.0
 error_rate_max = 0.05
-"""
+{gates}"""
 
 
-@pytest.fixture(scope="module")
-def release(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, profile) -> dict[str, Path]:
+def make_release(models_dir: Path, d: Path, profile, *, watched: bool) -> dict[str, Path]:
+    """Versions 1 and 2 of the digits model and a degraded version 3 (answers unrelated to the input).
+    ``watched`` bundles carry the reference profile and test-set accuracy (drift and label tracking)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    d = tmp_path_factory.mktemp("fleet-release")
     ed25519.write_keypair(ed25519.generate(), d / "k")
+    extra = {"reference": str(models_dir / "digits_mlp.train_x.npy"),
+             "test_data": str(models_dir / "digits_mlp.test_x.npy"),
+             "test_labels": str(models_dir / "digits_mlp.test_y.npy")} if watched else {}
     out = {"pub": d / "k.pub"}
     out["v1"] = Path(create_bundle(models_dir / "digits_mlp.onnx", "1", d / "k", d / "v1",
-                                   CreateOptions(name=MODEL), profile))
+                                   CreateOptions(name=MODEL, **extra), profile))
     out["v2"] = Path(create_bundle(models_dir / "digits_mlp.onnx", "2", d / "k", d / "v2.tar",
-                                   CreateOptions(name=MODEL, archive=True), profile))
+                                   CreateOptions(name=MODEL, archive=True, **extra), profile))
     w = np.random.default_rng(5).normal(size=(64, 10)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["input", "w"], ["z"]), helper.make_node("Softmax", ["z"], ["probabilities"])],
@@ -73,26 +80,72 @@ def release(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, profile)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, d / "degraded.onnx")
+    bad_extra = {k: v for k, v in extra.items() if k == "reference"}
     out["bad"] = Path(create_bundle(d / "degraded.onnx", "3", d / "k", d / "bad.tar",
-                                    CreateOptions(name=MODEL, archive=True), profile))
+                                    CreateOptions(name=MODEL, archive=True, **bad_extra), profile))
     return out
 
 
+@pytest.fixture(scope="module")
+def release(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, profile) -> dict[str, Path]:
+    return make_release(models_dir, tmp_path_factory.mktemp("fleet-release"), profile, watched=False)
+
+
+@pytest.fixture(scope="module")
+def watched_release(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, profile) -> dict[str, Path]:
+    return make_release(models_dir, tmp_path_factory.mktemp("fleet-watched"), profile, watched=True)
+
+
 class Fleet:
-    def __init__(self, n: int, release: dict[str, Path], broker, tmp: Path) -> None:
+    """``n`` agents on version 1. With ``digits`` (the model's test set and labels) each agent reads
+    real digits on stdin, each with an id, and gets their true labels back 20 inputs later, as a
+    labelling system would; else each generates synthetic inputs."""
+
+    def __init__(self, n: int, release: dict[str, Path], broker, tmp: Path,
+                 digits: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.svc = IngestService(broker.url, str(tmp / "cloud.db"), bundles_dir=tmp / "cloud-bundles")
         self.svc.start()
         self.ids = [f"dev-{i:02d}" for i in range(n)]
         self.reports = {d: tmp / f"{d}.json" for d in self.ids}
+        self._stop = threading.Event()
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "edge_runtime.cli", "run", "--model", str(release["v1"]), "--key",
-             str(release["pub"]), "--source", f"synthetic:{40 + i}", "--broker", broker.url, "--device-id", d,
+             str(release["pub"]), "--source", "stdin" if digits is not None else f"synthetic:{40 + i}",
+             "--broker", broker.url, "--device-id", d,
              "--buffer", str(tmp / f"{d}.db"), "--state-dir", str(tmp / f"state-{d}"), "--metrics-interval", "1",
-             "--telemetry-interval", "1", "--status-interval", "0", "--report-json", str(self.reports[d])],
+             "--drift-summary-interval", "2", "--telemetry-interval", "1", "--status-interval", "0",
+             "--report-json", str(self.reports[d])],
+            stdin=subprocess.PIPE if digits is not None else None,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i, d in enumerate(self.ids)]
+        self.feeders = [] if digits is None else [
+            threading.Thread(target=self._feed, args=(proc, digits, i), daemon=True)
+            for i, proc in enumerate(self.procs)]
+        for t in self.feeders:
+            t.start()
         hub = self.svc.hub
         wait_until(lambda: len([r for r in hub.devices() if r["state"] == "online" and r.get("p99_ms") is not None])
                    == n, 90, f"{n} agents online with metrics")
+
+    def _feed(self, proc: subprocess.Popen, digits: tuple[np.ndarray, np.ndarray], k: int) -> None:
+        """About 100 digits a second, cycling the test set; the labels of each 20 follow them."""
+        x, y = digits
+        rows = [json.dumps(r) for r in x.round(4).tolist()]
+        n = 0
+        try:
+            while not self._stop.is_set():
+                first = n
+                lines = []
+                for _ in range(20):
+                    j = (n * 7 + k) % len(rows)
+                    lines.append(f'{{"id": "{k}-{n}", "input": {rows[j]}}}')
+                    n += 1
+                lines.append(json.dumps({"feedback": [[f"{k}-{m}", int(y[(m * 7 + k) % len(rows)])]
+                                                      for m in range(first, n)]}))
+                proc.stdin.write("\n".join(lines) + "\n")
+                proc.stdin.flush()
+                time.sleep(0.2)
+        except (BrokenPipeError, ValueError, OSError):
+            return  # the agent stopped
 
     def versions(self) -> dict[str, str]:
         out = {}
@@ -102,6 +155,9 @@ class Fleet:
         return out
 
     def stop(self) -> list[dict]:
+        self._stop.set()
+        for t in self.feeders:
+            t.join(5)
         for proc in self.procs:
             proc.send_signal(signal.SIGTERM)
         reports = []
@@ -112,6 +168,7 @@ class Fleet:
         return reports
 
     def close(self) -> None:
+        self._stop.set()
         for proc in self.procs:
             proc.kill()
         self.svc.stop()
@@ -157,5 +214,69 @@ def test_a_good_candidate_reaches_every_agent_and_a_degraded_one_is_rolled_back(
         for r in reports:
             pipe = r["pipelines"][0]
             assert pipe["errors"]["total"] == 0 and pipe["inputs"] == pipe["predictions"], pipe["errors"]
+    finally:
+        fleet.close()
+
+
+def test_at_the_human_levels_rollouts_wait_for_a_person(watched_release, models_dir: Path, broker_factory,
+                                                       tmp_path: Path) -> None:
+    """Level 2: each step waits for approval, then the drift and accuracy gates pass on the agents'
+    real figures (true labels as feedback). Level 3: the degraded candidate fails its shadow gate and
+    waits; nothing reaches the agents until a person rolls it back."""
+    digits = (np.load(models_dir / "digits_mlp.test_x.npy"), np.load(models_dir / "digits_mlp.test_y.npy"))
+    release = watched_release
+    fleet = Fleet(4, release, broker_factory(), tmp_path, digits=digits)
+    try:
+        svc = fleet.svc.hub.rollouts_service
+        gates = "drift_not_worse = true\ndrift_margin = 0.5\naccuracy_not_worse = true\naccuracy_margin = 0.05\n" \
+                "accuracy_min_labels = 40\n"
+        rid = svc.start(plan(2, gates), release["v2"], by="release-bot")["id"]
+        approved: list[str] = []
+
+        def approve_each_step() -> bool:
+            r = svc.get(rid)
+            if r.state == "waiting_approval":
+                pending = r.pending_approval
+                assert pending is not None and pending["why"] != "gate_failed", pending
+                # Nothing moves on by itself: the devices stay where the last approval put them.
+                approved.append(pending["to_stage"])
+                svc.approve(rid, by="alice")
+            return r.state == "done"
+
+        try:
+            wait_until(approve_each_step, 180, "the level-2 rollout of version 2 to finish with approvals")
+        except AssertionError:
+            d = svc.detail(rid)
+            raise AssertionError(f"approved {approved}; state {d.get('state')} {d.get('stage')}; gates "
+                                 f"{d.get('gates')}; events {d.get('events')}; devices "
+                                 f"{json.dumps(d.get('devices'))[:3000]}") from None
+        assert approved[:3] == ["step-0", "step-1", "step-2"], approved
+        events = svc.detail(rid)["events"]
+        advances = [e for e in events if e["what"] == "advance"]
+        assert advances == [] or all(e["actor"] != "planner" for e in advances), advances
+        assert [e["actor"] for e in events if e["what"] == "approve"] == ["alice"] * len(approved)
+        final = {g["name"]: g for g in svc.detail(rid)["gates"]}
+        assert {"drift", "accuracy"} <= set(final), final
+        assert final["accuracy"]["status"] == "pass" and final["accuracy"]["value"] > 0.8, final["accuracy"]
+        assert final["drift"]["status"] == "pass" and final["drift"]["value"] is not None, final["drift"]
+        wait_until(lambda: set(fleet.versions().values()) == {"2"}, 30, "every agent on version 2")
+
+        bad = svc.start(plan(3), release["bad"], by="release-bot")["id"]
+        wait_until(lambda: svc.get(bad).state == "waiting_approval", 150, "the failed gate to wait for a person")
+        pending = svc.get(bad).pending_approval
+        assert pending is not None and pending["why"] == "gate_failed", pending
+        failed = [g["name"] for g in pending["gate_results"] if g["status"] == "fail"]
+        assert failed == ["shadow_agreement"], pending["gate_results"]
+        time.sleep(3)  # a person is slow; the rollout must still be waiting, the agents untouched
+        assert svc.get(bad).state == "waiting_approval"
+        assert set(fleet.versions().values()) == {"2"}
+        svc.rollback(bad, by="alice", reason="the candidate disagrees with version 2 in shadow")
+        wait_until(lambda: svc.get(bad).state == "rolled_back", 60, "the person's rollback to finish")
+        wait_until(lambda: set(fleet.versions().values()) == {"2"}, 30, "every agent still on version 2")
+        reports = fleet.stop()
+        for r in reports:
+            pipe = r["pipelines"][0]
+            assert pipe["errors"]["total"] == 0 and pipe["inputs"] == pipe["predictions"], pipe["errors"]
+            assert r["feedback"]["resolved"] > 100, r["feedback"]
     finally:
         fleet.close()
