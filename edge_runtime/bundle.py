@@ -135,6 +135,7 @@ class CreateOptions:
     device_tags: list[str] = field(default_factory=list)
     expires_at: str | None = None
     quantize_report: str | None = None
+    escalation: str | None = None  # escalation.json from `edge-runtime escalation tune --policy-out`
     smoke_samples: int = 8
     smoke_rtol: float = 1e-3
     smoke_atol: float = 1e-4
@@ -238,6 +239,8 @@ def create_bundle(model: str | Path, version: str, key_path: str | Path, out: st
         if opts.expires_at:
             constraints["expires_at"] = _parse_time(opts.expires_at).isoformat().replace("+00:00", "Z")
         manifest["constraints"] = constraints
+        if opts.escalation:
+            manifest["escalation"] = _escalation(opts.escalation, workdir)
         manifest["files"] = {rel: {"sha256": sha256_file(workdir / rel), "size": (workdir / rel).stat().st_size}
                              for rel in _listed_files(workdir)}
         body = manifest_bytes(manifest)
@@ -279,6 +282,20 @@ def _quantization(model_path: Path, report: str | None) -> dict[str, Any] | None
     return {"variant": chosen.get("name"), "speedup": chosen.get("speedup"), "reason": chosen.get("reason"),
             "accuracy": variant.get("accuracy"), "agreement": variant.get("agreement"),
             "measured_on": (r.get("machine") or {}).get("cpu")}
+
+
+def _escalation(path: str, workdir: Path) -> dict[str, Any]:
+    """Carry the escalation document as escalation.json; the manifest's ``escalation`` entry holds its
+    policy, which the agent reads from the verified manifest."""
+    from edge_runtime.core.escalation import ESCALATION_FILE, manifest_entry
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EdgeRuntimeError(f"--escalation {path}: cannot read: {e}") from e
+    entry = manifest_entry(doc, origin=path)
+    (workdir / ESCALATION_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return entry
 
 
 def _accuracy(engine: Any, x: np.ndarray, labels_path: str) -> dict[str, Any]:
@@ -437,6 +454,10 @@ def verify_bundle(path: str | Path, keys: list[Any], *, profile: Any = None, now
             raise BundleError("bad_manifest", f"schema {manifest.get('schema')!r}, expected {SCHEMA!r}",
                               bundle=name)
         parse_version(manifest["version"])
+        if manifest.get("escalation") is not None:  # the agent acts on this policy: refuse an invalid one
+            from edge_runtime.core.escalation import read_document
+
+            read_document(manifest["escalation"], origin=f"{MANIFEST} escalation")
     except (ValueError, KeyError, TypeError, EdgeRuntimeError) as e:
         if isinstance(e, BundleError):
             raise

@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--expires", metavar="TIME", help="expiry time, ISO 8601 (2027-01-31T00:00:00Z)")
     create.add_argument("--quantize-report", metavar="FILE",
                         help="quantize_report.json to record (default: the one beside the model, if any)")
+    create.add_argument("--escalation", metavar="FILE",
+                        help="escalation policy and curve from `edge-runtime escalation tune --policy-out FILE` "
+                             "(the manifest's `escalation` entry)")
     create.add_argument("--archive", action="store_true", help="write one .tar instead of a directory")
     create.add_argument("--smoke-samples", type=int, default=8, metavar="N",
                         help="inputs in the smoke test (default 8)")
@@ -212,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true")
     insp.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
-    from edge_runtime import quantize
+    from edge_runtime import escalation, quantize
 
     quantize.add_parser(sub)
+    escalation.add_parser(sub)
 
     prof = sub.add_parser("profiles", help="list device profiles and the one this machine matches",
                           description="List the device profiles found, mark the one detected for this "
@@ -725,7 +729,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             name=args.name, reference=args.reference, labels=args.labels, test_data=args.test_data,
             test_labels=args.test_labels, preprocess=_preprocess_arg(args.preprocess),
             profiles=args.for_profile, device_tags=args.device_tag, expires_at=args.expires,
-            quantize_report=args.quantize_report, smoke_samples=args.smoke_samples, archive=args.archive)
+            quantize_report=args.quantize_report, escalation=args.escalation, smoke_samples=args.smoke_samples,
+            archive=args.archive)
         out = b.create_bundle(args.model, args.version, args.key, args.out, opts, _profile(args.profile),
                               progress=lambda m: print(m, file=sys.stderr))
         print(f"bundle written: {out}")
@@ -760,7 +765,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             print(f"signature: {info['signature'] or 'MISSING'}")
             for rel, meta in sorted(m.get("files", {}).items()):
                 print(f"  {rel:32}{meta.get('size', '?'):>12} bytes  sha256 {str(meta.get('sha256'))[:16]}...")
-            for key in ("metrics", "quantization", "reference_profile", "constraints", "preprocess"):
+            for key in ("metrics", "quantization", "reference_profile", "constraints", "preprocess", "escalation"):
                 if m.get(key):
                     print(f"{key}: {json.dumps(m[key])}")
             if info["unlisted_files"] or info["missing_files"]:
@@ -834,10 +839,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_ERROR
     _setup_logging(args.log_level)
     from edge_runtime import doctor
+    from edge_runtime.escalation import cmd_escalation
     from edge_runtime.quantize import cmd_quantize
 
     handlers = {"run": cmd_run, "bench": cmd_bench, "profiles": cmd_profiles, "keygen": cmd_keygen,
-                "bundle": cmd_bundle, "quantize": cmd_quantize, "doctor": doctor.cmd_doctor, "demo": _cmd_demo}
+                "bundle": cmd_bundle, "quantize": cmd_quantize, "doctor": doctor.cmd_doctor, "demo": _cmd_demo,
+                "escalation": cmd_escalation}
     try:
         return handlers[args.command](args)
     except EdgeRuntimeError as e:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_script, logger
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("build_digits_mlp", "build_tabular", "build_cnn", "build_test_models")
+SCRIPTS = ("build_digits_mlp", "build_tabular", "build_cnn", "build_test_models", "build_escalation_pair")
 DEFAULT_OUT = HERE / "out"
 
 
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"cnn ONNX test accuracy {cnn['onnx_test_accuracy']:.4f} ({cnn['method']}), "
          f"batch-1 median latency {cnn['latency_ms_batch1']['median']:.3f} ms")
     _log(f"test models: {', '.join(results['build_test_models']['models'])}")
+    pair = results["build_escalation_pair"]
+    _log(f"escalation pair (escalation/): device {pair['device']['variant']} test accuracy "
+         f"{pair['device']['test_accuracy']:.4f}, cloud {pair['cloud']['test_accuracy']:.4f}")
     files = sorted(p.name for p in Path(args.out).iterdir() if p.is_file())
     _log(f"all built in {time.perf_counter() - start:.2f} s -> {args.out}: {', '.join(files)}")
     print(json.dumps(results))

@@ -256,7 +256,8 @@ def test_fixed_and_no_batch_shapes(fixtures_dir: Path) -> None:
 
 def test_build_all_builds_everything(built: Built) -> None:
     out, results = built
-    assert set(results) == {"build_digits_mlp", "build_tabular", "build_cnn", "build_test_models"}
+    assert set(results) == {"build_digits_mlp", "build_tabular", "build_cnn", "build_test_models",
+                            "build_escalation_pair"}
     assert all(r["build_seconds"] > 0 for r in results.values())
     expected = {
         "digits_mlp.onnx",
