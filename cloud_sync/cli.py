@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run CMD REQUEST.json when a rule marked retrain fires (the request's path is also "
                         "in $RETRAIN_REQUEST); its exit status and output are recorded")
     s.add_argument("--retrain-topic", metavar="TOPIC", help="publish retraining requests on this MQTT topic")
+    s.add_argument("--escalation-model", action="append", default=[], metavar="[MODEL=]PATH",
+                   help="a larger ONNX model that answers the inputs devices escalate (repeatable; MODEL= names "
+                        "the device model it answers for, without it: every other model)")
     s.add_argument("--bundle", action="append", default=[], metavar="DIR",
                    help="a model bundle the fleet runs (repeatable): its reference profile gives fleet drift "
                         "distances and its build accuracy the baseline of accuracy-drop rules")
@@ -338,13 +341,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         rules = load_rules(Path(args.rules))
         log.info("alert rules: %d from %s", len(rules), args.rules)
+    from cloud_sync.escalation import parse_model_args
+
     svc = IngestService(url, args.db, client_id=args.client_id, group=args.group, rules=rules,
                         review_below=args.review_below, review_per_device_hour=args.review_per_device_hour,
                         retrain_command=args.retrain_command, retrain_topic=args.retrain_topic,
                         bundles_dir=args.bundles_dir,
                         chunk_size=(args.chunk_kb or (16 if args.embedded_broker else 64)) * 1024,
                         keep_predictions_s=args.keep_predictions_days * 86400 or None,
-                        keep_history_s=args.keep_history_days * 86400 or None)
+                        keep_history_s=args.keep_history_days * 86400 or None,
+                        escalation_models=parse_model_args(args.escalation_model) or None)
     for b in args.bundle:
         try:
             name, version = svc.hub.register_bundle(b)

@@ -348,6 +348,24 @@ class Hub:
         if len(self._review_quota) > 10_000:  # old hours
             self._review_quota = {k: v for k, v in self._review_quota.items() if k[1] >= hour}
 
+    def review_escalation(self, msg: p.Escalation, answer: p.EscalationAnswer, now_ms: int) -> bool:
+        """Both answers to an escalated input, as one review item (the prediction's id, so a
+        low-confidence pick of the same prediction does not queue it twice), within the hourly cap."""
+        key = (msg.device_id, now_ms // 3_600_000)
+        with self.lock:
+            if self._review_quota.get(key, 0) >= self.review_per_device_hour:
+                return False
+            item = {"prediction_id": msg.id, "label": msg.local_label, "score": msg.local_score, "model": msg.model,
+                    "model_version": msg.version, "created_ms": msg.sent_ms, "reason": "escalation",
+                    "escalation_reasons": list(msg.reasons),
+                    "cloud": {"label": answer.label, "score": answer.score, "model": answer.cloud_model}}
+            if not self.store.add_review(f"{msg.device_id}:{msg.id}", device_id=msg.device_id, model=msg.model,
+                                         payload=item, created_ms=now_ms):
+                return False
+            self._review_quota[key] = self._review_quota.get(key, 0) + 1
+            self.counters["reviews_added"] += 1
+            return True
+
     def review_items(self, state: str = "pending", limit: int = 100) -> list[dict[str, Any]]:
         if state not in REVIEW_STATES:
             raise ValueError(f"state must be one of {REVIEW_STATES}, got {state!r}")

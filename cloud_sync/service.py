@@ -29,7 +29,8 @@ class IngestService:
     def __init__(self, broker_url: str, db: str, *, client_id: str = "cloud-sync", group: str = "ingest",
                  queue_size: int = 10000, username: str | None = None, password: str | None = None,
                  rules: RuleSet | None = None, keep_predictions_s: float | None = None,
-                 keep_history_s: float | None = None, **hub_options: Any) -> None:
+                 keep_history_s: float | None = None, escalation_models: dict[str, Any] | None = None,
+                 **hub_options: Any) -> None:
         self.store = open_store(db)
         self.keep_predictions_s = keep_predictions_s
         self.keep_history_s = keep_history_s
@@ -50,6 +51,13 @@ class IngestService:
         self.transport.subscribe(records, qos=1)
         self.transport.subscribe(p.fleet_subscription(p.Status.KIND), qos=1)
         self.transport.subscribe(p.fleet_subscription(p.Telemetry.KIND), qos=0)
+        self.escalation = None
+        if escalation_models:
+            from cloud_sync.escalation import EscalationServer
+
+            # Answers have a deadline of seconds on the device: their own queue and thread, not the ingest's.
+            self.escalation = EscalationServer(escalation_models, self._publish, review=self.hub.review_escalation)
+            self.transport.subscribe(self.escalation.subscription(), qos=0)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="ingest", daemon=True)
 
@@ -62,6 +70,9 @@ class IngestService:
             self.hub.rollouts_service.resend()
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
+        if self.escalation is not None and self.escalation.wants(topic):
+            self.escalation.offer(topic, payload)
+            return
         try:
             self.queue.put_nowait((topic, payload))
         except queue.Full:
@@ -107,6 +118,8 @@ class IngestService:
         return n
 
     def start(self) -> None:
+        if self.escalation is not None:
+            self.escalation.start()
         self._worker.start()
         self.transport.start()
 
@@ -114,10 +127,13 @@ class IngestService:
         self._stop.set()
         self.transport.stop()
         self._worker.join(5)
+        if self.escalation is not None:
+            self.escalation.stop()
         self.store.close()
 
     def stats(self) -> dict[str, Any]:
         s = self.ingest.stats
         return {"messages": s.messages, "batches": s.batches, "records_new": s.records_new,
                 "records_duplicate": s.records_duplicate, "rejected": dict(s.rejected),
-                "queue_full_drops": self.dropped_full, "connected": self.transport.connected}
+                "queue_full_drops": self.dropped_full, "connected": self.transport.connected,
+                **({"escalation": self.escalation.stats()} if self.escalation is not None else {})}

@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--drift-summary-interval", type=float, default=60.0, metavar="S",
                      help="send the drift summary (and label-tracker state) every S seconds, and when an alarm "
                           "opens or closes (default 60)")
+    run.add_argument("--escalate-share", choices=["none", "features", "downscaled", "raw"], default="none",
+                     help="what of an unsure input may leave this device for the cloud model: none (default: "
+                          "escalation off), features (the model input, compact), downscaled (images), raw")
+    run.add_argument("--escalation-policy", metavar="FILE.json",
+                     help="when to escalate and the budget (default: the bundle's, from `escalation tune`)")
+    run.add_argument("--escalate-feedback", action="store_true",
+                     help="also count the cloud model's answers as label feedback (concept drift); they cover "
+                          "only the unsure inputs, so expect a lower accuracy than the reference's")
     run.add_argument("--no-frame-health", action="store_true",
                      help="no covered-lens / frozen-feed / out-of-focus checks on video and camera frames")
     run.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
@@ -310,6 +318,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     pred_out = _open_predictions(args.predictions)
     uplink = _uplink(args)
     book = PredictionBook(f"{uplink.boot_id[:8] if uplink is not None else uuid.uuid4().hex[:8]}-")
+    escalators: dict[str, Any] = {}
+    router_box: list[Any] = []  # the feedback router, once the pipelines exist (cloud answers as labels)
     selectors: dict[str, Any] = {}
     deployers_by_name: dict[str, Any] = {}
     pipelines = []
@@ -338,8 +348,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             def status(label: Any, score: Any, _name: str = pname) -> str:  # the deployer exists once uplink does
                 d = deployers_by_name.get(_name)
                 return d.output_status(label, score) if d is not None else "final"
+        escalator = _escalator(args, pname, ref, uplink, router_box)
+        if escalator is not None:
+            escalators[pname] = escalator
         sink = _sinks(pname, pred_out, uplink, book if concept is not None or pred_out or uplink else None, selector,
-                      status)
+                      status, escalator)
         health = None
         if not args.no_frame_health and getattr(src, "frames", False):
             from edge_runtime.core.image_features import ImageHealth
@@ -357,6 +370,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     extra = {"profile": profile.to_dict(), "sync": "disabled" if uplink is None else "mqtt",
              "onnxruntime": _ort_version()}
     router = FeedbackRouter(book, pipelines)
+    router_box.append(router)
+    for pl in pipelines:
+        esc = escalators.get(pl.name)
+        if esc is not None:
+            esc.bind(pl)
+            pl.extra_state["escalation"] = lambda _e=esc: {k: _e.counts[k] for k in ("sent", "on_time", "expired",
+                                                                                     "over_budget", "offline")}
+    if escalators:
+        from edge_runtime.escalate import answer_route
+
+        uplink.message_routes.append(answer_route(uplink.device_id, escalators))
+        uplink.tick_hooks.extend(e.tick for e in escalators.values())
     for pl in pipelines:
         if hasattr(pl.source, "on_feedback"):
             pl.source.on_feedback = router.labels
@@ -393,6 +418,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if uplink is not None:
             Agent._hook("metrics", lambda: _metric_records(uplink)(agent.metric_snapshots()))
             sync_report = uplink.stop(args.drain_timeout)
+    if escalators:
+        report["escalation"] = {n: e.report() for n, e in escalators.items()}
     if uplink is not None:
         report["uplink"] = sync_report
         report["review_samples"] = {n: {"kept": dict(sel.kept), "over_hourly_cap": sel.capped}
@@ -583,7 +610,7 @@ def _drift_events(name: str, uplink: Any, selector: Any = None) -> Any:
 
 
 def _sinks(name: str, pred_out: Any, uplink: Any, book: Any, selector: Any = None,
-           status: Callable[[Any, float | None], str] | None = None) -> Any:
+           status: Callable[[Any, float | None], str] | None = None, escalator: Any = None) -> Any:
     """The per-batch result sink: ids for the predictions (what label feedback names), then JSON
     lines to a file and/or records to the outbox. None when nothing consumes predictions."""
     if book is None:
@@ -619,7 +646,60 @@ def _sinks(name: str, pred_out: Any, uplink: Any, book: Any, selector: Any = Non
                     if why is not None:
                         uplink.record("sample", _review_sample(name, ids[i], lab, score, why, records[i], selector),
                                       now)
+        if escalator is not None:
+            escalator.consider(ids, records, labs, outputs)
     return sink
+
+
+def _escalator(args: argparse.Namespace, name: str, ref: Any, uplink: Any, router_box: list[Any]) -> Any:
+    """The pipeline's escalation to the cloud model, when this device allows inputs to leave it
+    (``--escalate-share``) and a policy says when (``--escalation-policy`` or the bundle's)."""
+    share = args.escalate_share
+    if share == "none":
+        if args.escalation_policy or (ref.escalation or {}).get("policy"):
+            log.info("model %s: escalation off: share = none (inputs never leave this device; "
+                     "--escalate-share features|downscaled|raw allows it)", name)
+        return None
+    from edge_runtime.core.escalation import EscalationPolicy
+    from edge_runtime.escalate import Escalator
+
+    if args.escalation_policy:
+        try:
+            doc = json.loads(Path(args.escalation_policy).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise EdgeRuntimeError(f"--escalation-policy {args.escalation_policy}: {e}") from e
+        raw, origin = doc.get("policy", doc) if isinstance(doc, dict) else doc, args.escalation_policy
+    elif (ref.escalation or {}).get("policy"):
+        raw, origin = ref.escalation["policy"], f"{ref.name} bundle manifest escalation"
+    else:
+        raise EdgeRuntimeError(f"model {name}: --escalate-share {share} but no escalation policy: the bundle has "
+                               "none (edge-runtime escalation tune writes one); give --escalation-policy FILE")
+    policy = EscalationPolicy.from_dict({**raw, "share": share}, origin)
+    if not policy.active:
+        raise EdgeRuntimeError(f"model {name}: {policy.describe()}")
+    if uplink is None:
+        raise EdgeRuntimeError(f"model {name}: escalation needs the MQTT link (--broker), which is off")
+    from edge_runtime.core import protocol as p
+
+    def publish(msg: p.Escalation) -> bool:
+        if not uplink.transport.connected:
+            return False
+        try:
+            return uplink.transport.publish(msg.topic, msg.to_wire(), qos=msg.QOS, retain=msg.RETAIN) is not False
+        except Exception as e:  # the link broke under us: the local answer stands
+            log.debug("escalation not sent: %s", e)
+            return False
+
+    def final(settled: Any) -> None:
+        """A cloud answer in time: the final answer, as a prediction record under the same id."""
+        uplink.record("prediction", {"i": settled.id, "m": name, "y": settled.cloud, "by": "cloud",
+                                     "local": settled.local}, time.time())
+        if args.escalate_feedback and router_box:
+            router_box[0].label(settled.id, settled.cloud)
+
+    esc = Escalator(name, uplink.device_id, policy, publish, on_final=final)
+    log.info("model %s: %s", name, policy.describe())
+    return esc
 
 
 def _review_sample(name: str, pid: str, label: Any, score: float | None, why: str, record: Any,

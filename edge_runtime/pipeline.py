@@ -44,6 +44,7 @@ class ModelRef:
     preprocess_origin: str | None
     reference: Path | None = None  # the bundle's reference_profile.json, for drift monitoring
     metrics: dict[str, Any] | None = None  # the bundle manifest's accuracy at build, for concept drift
+    escalation: dict[str, Any] | None = None  # the bundle manifest's escalation entry (policy, tuning)
 
 
 def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = None) -> ModelRef:
@@ -51,7 +52,7 @@ def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = 
     spec comes from the manifest, else ``<model>.preprocess.json``, else the model's metadata."""
     p = Path(path_or_bundle)
     name, version, spec, origin = p.stem, None, None, None
-    metrics = None
+    metrics = escalation = None
     if p.is_dir():
         manifest = p / "manifest.json"
         model = p / "model.onnx"
@@ -65,6 +66,7 @@ def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = 
             name = str(m.get("name", p.name))
             version = str(m["version"]) if "version" in m else None
             metrics = m.get("metrics") or None
+            escalation = m.get("escalation") or None
             if m.get("preprocess"):
                 spec, origin = PreprocessSpec.from_dict(m["preprocess"], str(manifest)), str(manifest)
         else:
@@ -88,7 +90,7 @@ def resolve_model(path_or_bundle: str | Path, metadata: dict[str, str] | None = 
                 raise ConfigError(f"not valid JSON: {e}", path=origin) from e
     ref_file = p.parent / "reference_profile.json"
     return ModelRef(p, name, version, spec, origin,
-                    ref_file if p.name == "model.onnx" and ref_file.is_file() else None, metrics)
+                    ref_file if p.name == "model.onnx" and ref_file.is_file() else None, metrics, escalation)
 
 
 @dataclass

@@ -718,6 +718,13 @@ class PendingAnswers:
         self.counts["unknown"] += 1
         return Settled(id_, "unknown", None, None, answer, None)
 
+    def discard(self, id_: str) -> bool:
+        """Take back an entry that was never sent after all (the link was down): no outcome is counted."""
+        if self._pending.pop(id_, None) is None:
+            return False
+        self.counts["added"] -= 1
+        return True
+
     def expire(self, now: float) -> list[Settled]:
         """Entries whose deadline has passed by ``now``: their local answers stand."""
         out: list[Settled] = []

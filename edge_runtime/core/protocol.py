@@ -22,10 +22,12 @@ payload is compact JSON with ``"v": 1``; the default size cap is 256 KiB):
 | `edge/v1/<device_id>/status` | up | 1 | yes | `Status`, also the Last Will (`"online":false`) |
 | `edge/v1/<device_id>/telemetry` | up | 0 | no | `Telemetry`: live metrics snapshot |
 | `edge/v1/<device_id>/records` | up | 1 | no | `RecordBatch`: predictions, metrics, drift, events |
+| `edge/v1/<device_id>/escalate` | up | 0 | no | `Escalation`: an unsure input for the cloud model |
 | `edge/v1/<device_id>/cmd/ack` | down | 1 | no | `Ack`: keys the cloud committed |
 | `edge/v1/<device_id>/cmd/labels` | down | 1 | no | `LabelFeedback` |
 | `edge/v1/<device_id>/cmd/rollout` | down | 1 | yes | `Command` (action `rollout`) |
 | `edge/v1/<device_id>/cmd/config` | down | 1 | yes | `Command` (action `config`) |
+| `edge/v1/<device_id>/cmd/answer` | down | 0 | no | `EscalationAnswer`: the cloud model's answer |
 | `edge/v1/bundles/<bundle_id>/manifest` | down | 1 | yes | `BundleManifest`: one bundle file, for every device |
 | `edge/v1/bundles/<bundle_id>/c/<index>` | down | 1 | yes | raw bytes (not JSON): chunk `<index>` of that file |
 
@@ -46,6 +48,10 @@ cmd/labels  {"v":1,"feedback_id":"fb-88","labels":[[["b7f3c2a1",17],7],["img-004
 cmd/rollout {"v":1,"command_id":"ro-12","issued_ms":1764167600000,"expires_ms":null,
              "params":{"bundle":"digits_mlp-4","stage":"shadow"}}
 cmd/config  {"v":1,"command_id":"cfg-3","issued_ms":1764167600000,"expires_ms":null,"params":{"status_interval_s":60}}
+escalate    {"v":1,"id":"b7f3c2a1-42","model":"digits_small","version":"2","local_label":3,"local_score":0.41,
+             "reasons":["low_score"],"sent_ms":1764167513120,"data":"RVIwMQAAAAAAAAAA"}
+cmd/answer  {"v":1,"id":"b7f3c2a1-42","model":"digits_small","label":5,"score":0.97,"cloud_model":"digits_cloud",
+             "sent_ms":1764167513120,"answered_ms":1764167513161}
 ```
 
 Records are arrays ``[seq, kind, created_ms, payload]`` (no per-record keys: about 30 bytes of
@@ -72,6 +78,9 @@ Why these flags:
   ignore expired ones (:meth:`Command.expired`). An empty retained publish clears one; devices see
   it as ``ProtocolError("empty")``. Devices answer commands and label feedback with an
   :class:`Event` record whose ``ref`` is the command or feedback id.
+- ``escalate`` and ``cmd/answer`` are QoS 0 and not buffered: an answer is only worth something
+  within the device's deadline (seconds); when either is lost, the device's own answer stands.
+  ``data`` is the input as the device's privacy setting allows (``core.escalation`` encodes it).
 - The device id is taken from the topic only, never from the payload: broker ACLs bind topics to
   client identities (Mosquitto ``%c``/``%u`` patterns), payload fields are not checked by anyone.
 
@@ -96,6 +105,8 @@ removing or changing the meaning of a field needs ``v: 2`` (and a new ``edge/v2`
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -126,6 +137,8 @@ __all__ = [
     "BootRanges",
     "Command",
     "DriftSummary",
+    "Escalation",
+    "EscalationAnswer",
     "Event",
     "Label",
     "LabelFeedback",
@@ -167,8 +180,9 @@ MAX_TEXT_LEN: Final = 128
 MAX_MESSAGE_LEN: Final = 1024
 MAX_INT: Final = 2**63 - 1  # SQLite's INTEGER, where seqs and times are stored on both sides
 
-UP_KINDS: Final[tuple[str, ...]] = ("status", "telemetry", "records")
-DOWN_KINDS: Final[tuple[str, ...]] = ("ack", "labels", "rollout", "config")
+UP_KINDS: Final[tuple[str, ...]] = ("status", "telemetry", "records", "escalate")
+DOWN_KINDS: Final[tuple[str, ...]] = ("ack", "labels", "rollout", "config", "answer")
+MAX_ESCALATION_DATA: Final = 64 * 1024  # an escalated input, encoded (before base64)
 COMMAND_ACTIONS: Final[tuple[str, ...]] = ("rollout", "config")
 
 PREDICTION: Final = "p"
@@ -1006,7 +1020,117 @@ class Command(_Message):
         return from_obj
 
 
-Message: TypeAlias = Status | Telemetry | RecordBatch | Ack | LabelFeedback | Command
+def _label_value(v: object, name: str) -> int | float | str:
+    if type(v) is float:
+        if not math.isfinite(v):
+            raise ProtocolError("bad_value", f"{name} is {v}")
+    elif type(v) is str:
+        _text(v, name)
+    elif type(v) is not int:
+        raise _bad_type(name, v, "int, float or str")
+    return v  # type: ignore[return-value]
+
+
+def _opt_score(v: object, name: str) -> float | None:
+    if v is None:
+        return None
+    if type(v) not in (int, float) or not math.isfinite(v):  # type: ignore[arg-type]
+        raise _bad_type(name, v, "a finite number or null")
+    return float(v)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Escalation(_Message):
+    """An input the device's model was unsure of, for a larger model in the cloud: the input as the
+    device's privacy setting allows (``data``: bytes from ``core.escalation.encode_payload``, base64 on
+    the wire), with the answer the device already gave. QoS 0 and not buffered: an answer after the
+    deadline is worth nothing, and the local answer stands."""
+
+    KIND: ClassVar[str] = "escalate"
+    QOS: ClassVar[int] = 0
+    RETAIN: ClassVar[bool] = False
+
+    device_id: str
+    id: str                 # the prediction's id: the answer names it
+    model: str
+    version: str
+    local_label: int | float | str
+    local_score: float | None
+    reasons: tuple[str, ...]
+    data: bytes
+    sent_ms: int
+
+    def __post_init__(self) -> None:
+        validate_device_id(self.device_id)
+        if not _text(self.id, "id"):
+            raise ProtocolError("bad_value", "id is empty")
+        _ident(self.model, "model")
+        _text(self.version, "version")
+        _label_value(self.local_label, "local_label")
+        _set(self, "local_score", _opt_score(self.local_score, "local_score"))
+        _set(self, "reasons", tuple(_text(r, "reasons[]", 32) for r in _list(self.reasons, "reasons")))
+        if type(self.data) is not bytes:
+            raise _bad_type("data", self.data, "bytes")
+        if not 0 < len(self.data) <= MAX_ESCALATION_DATA:
+            raise ProtocolError("oversize" if self.data else "bad_value",
+                                f"data is {len(self.data)} bytes, expected 1-{MAX_ESCALATION_DATA}")
+        _int(self.sent_ms, "sent_ms")
+
+    def _to_obj(self) -> dict[str, Any]:
+        return {"id": self.id, "model": self.model, "version": self.version, "local_label": self.local_label,
+                "local_score": self.local_score, "reasons": self.reasons, "sent_ms": self.sent_ms,
+                "data": base64.b64encode(self.data).decode("ascii")}
+
+    @classmethod
+    def _from_obj(cls, device_id: str, o: dict[str, Any]) -> Escalation:
+        raw = _text(_get(o, "data"), "data", 4 * MAX_ESCALATION_DATA // 3 + 4)
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ProtocolError("bad_value", f"data is not base64: {e}") from None
+        return cls(device_id, _get(o, "id"), _get(o, "model"), _get(o, "version"), _get(o, "local_label"),
+                   o.get("local_score"), _get(o, "reasons"), data, _get(o, "sent_ms"))
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationAnswer(_Message):
+    """The cloud model's answer to one :class:`Escalation` (``id`` names it; ``sent_ms`` is echoed)."""
+
+    KIND: ClassVar[str] = "answer"
+    QOS: ClassVar[int] = 0
+    RETAIN: ClassVar[bool] = False
+
+    device_id: str
+    id: str
+    model: str
+    label: int | float | str
+    score: float | None
+    cloud_model: str
+    sent_ms: int
+    answered_ms: int
+
+    def __post_init__(self) -> None:
+        validate_device_id(self.device_id)
+        if not _text(self.id, "id"):
+            raise ProtocolError("bad_value", "id is empty")
+        _ident(self.model, "model")
+        _label_value(self.label, "label")
+        _set(self, "score", _opt_score(self.score, "score"))
+        _text(self.cloud_model, "cloud_model")
+        _int(self.sent_ms, "sent_ms")
+        _int(self.answered_ms, "answered_ms")
+
+    def _to_obj(self) -> dict[str, Any]:
+        return {"id": self.id, "model": self.model, "label": self.label, "score": self.score,
+                "cloud_model": self.cloud_model, "sent_ms": self.sent_ms, "answered_ms": self.answered_ms}
+
+    @classmethod
+    def _from_obj(cls, device_id: str, o: dict[str, Any]) -> EscalationAnswer:
+        return cls(device_id, _get(o, "id"), _get(o, "model"), _get(o, "label"), o.get("score"),
+                   _get(o, "cloud_model"), _get(o, "sent_ms"), _get(o, "answered_ms"))
+
+
+Message: TypeAlias = Status | Telemetry | RecordBatch | Ack | LabelFeedback | Command | Escalation | EscalationAnswer
 
 _FROM_OBJ: Final[dict[str, Callable[[str, dict[str, Any]], Message]]] = {
     "status": Status._from_obj,
@@ -1016,6 +1140,8 @@ _FROM_OBJ: Final[dict[str, Callable[[str, dict[str, Any]], Message]]] = {
     "labels": LabelFeedback._from_obj,
     "rollout": Command._from_obj_for("rollout"),
     "config": Command._from_obj_for("config"),
+    "escalate": Escalation._from_obj,
+    "answer": EscalationAnswer._from_obj,
 }
 
 
