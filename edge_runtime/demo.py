@@ -243,6 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary["records"] = _records(work, reports)
         summary["latency_us"] = {dev: r["pipelines"][0]["latency_us"]["latency"] for dev, r in reports.items()}
         summary["drift_alarms"] = {dev: len(r["pipelines"][0].get("drift", {}).get("alarms", []))
+                                   + len(r["pipelines"][0].get("drift", {}).get("earlier_versions_alarms", []))
                                    for dev, r in reports.items()}
     except BaseException:
         for p in procs[:1]:  # the demo failed: the cloud goes too (the agents go below)

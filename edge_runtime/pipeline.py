@@ -225,6 +225,7 @@ class Pipeline:
         self.concept = concept  # a LabelTracker fed by label feedback (from the sync thread)
         self._labels_seen = 0
         self._feedback_lock = threading.Lock()
+        self._earlier_alarms: list[dict[str, Any]] = []  # alarms of the monitors of versions swapped out
         self.extra_state: dict[str, Callable[[], Any]] = {}  # more keys of metric snapshots (e.g. rollout)
         self._window_state: dict[str, dict[str, Any]] = {}
         self.metric_marks: dict[str, float] = {}  # when each periodic report last took a window
@@ -566,6 +567,8 @@ class Pipeline:
             self.drain_drift()  # the old model's inputs go to the old monitor
         if sw.drift is not None:
             self.emit_summary()  # and its last windows go out under the old version
+            if self.drift is not None:
+                self._earlier_alarms.extend({**a.to_dict(), "model_version": old} for a in self.drift.alarms)
         self.engine, self._runners, self.postprocess, self.version = sw.engine, sw.runners, sw.postprocess, sw.version
         if sw.drift is not None:
             self.drift = sw.drift
@@ -654,6 +657,7 @@ class Pipeline:
             self.emit_summary()
             out["drift"] = {"samples": self._drift_seen, "kind": self.drift.reference.kind,
                             "alarms": [a.to_dict() for a in self.drift.alarms],
+                            "earlier_versions_alarms": list(self._earlier_alarms),
                             "alarmed": bool(self.drift.alarms), "state": self.drift.state()}
             out["prediction_shift"] = self._prediction_shift()
         if self.health is not None:

@@ -140,8 +140,9 @@ def test_a_bundle_signed_with_an_unknown_key_fails_and_the_model_keeps_serving(m
     r = Running(models_dir, profile, tmp_path / "state", bundles)
     try:
         r.dep.on_command(order(bundles["4"], "candidate"))
-        r.wait(lambda: r.dep.machine.state == "failed", "the verification failure")
+        r.wait(lambda: "rollout_failed" in names(r.events), "the verification failure")
         failed = next(e for e in r.events if e["name"] == "rollout_failed")
+        r.wait(lambda: r.dep.role == "failed", "the failed role")
         assert "unknown_key" in failed["detail"]["reason"] and r.pipe.version == "1" and r.dep.role == "failed"
         assert not (tmp_path / "state" / "bundles" / "digits_mlp-4").exists()
         n = r.pipe.metrics.predictions
