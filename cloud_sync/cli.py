@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run CMD REQUEST.json when a rule marked retrain fires (the request's path is also "
                         "in $RETRAIN_REQUEST); its exit status and output are recorded")
     s.add_argument("--retrain-topic", metavar="TOPIC", help="publish retraining requests on this MQTT topic")
+    s.add_argument("--max-upload-mb", type=float, default=512.0, metavar="MB",
+                   help="largest bundle `rollout start` may upload (default 512)")
     s.add_argument("--escalation-model", action="append", default=[], metavar="[MODEL=]PATH",
                    help="a larger ONNX model that answers the inputs devices escalate (repeatable; MODEL= names "
                         "the device model it answers for, without it: every other model)")
@@ -138,11 +140,14 @@ def _add_rollout_parser(sub: Any) -> None:
                                    "judged by the plan's gates.")
     acts = r.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
     s = acts.add_parser("start", parents=[common], help="start a rollout of a bundle under a plan",
-                        description="Send the plan and the bundle's path to the server, which checks both against "
-                                    "the fleet, publishes the bundle and orders the first stage.")
+                        description="Send the plan and the bundle to the server (a bundle found here is uploaded, "
+                                    "a directory archived first), which checks both against the fleet, "
+                                    "publishes the bundle and orders the first stage.")
     s.add_argument("plan", metavar="PLAN.toml", help="the rollout plan (read here, sent as text)")
     s.add_argument("--bundle", required=True, metavar="PATH",
-                   help="the bundle (.tar or directory) as a path on the server's machine")
+                   help="the bundle (.tar or directory): uploaded when it exists here, else a path on the server")
+    s.add_argument("--on-server", action="store_true",
+                   help="PATH names a bundle on the server's machine: do not upload")
     s = acts.add_parser("status", parents=[common], help="every rollout, or one in detail")
     s.add_argument("id", nargs="?", metavar="ID", help="a rollout id: its devices, gates and log")
     for name, what in (("approve", "approve what the rollout waits for (enter the next stage)"),
@@ -361,7 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.http != "off":
         host, _, port = args.http.rpartition(":")
         try:
-            web = start_web(svc.hub, host or "127.0.0.1", int(port), args.token)
+            web = start_web(svc.hub, host or "127.0.0.1", int(port), args.token, args.max_upload_mb)
         except MissingExtraError as e:  # ingest is the job; the dashboard is a view of it
             log.warning("no dashboard: %s", e)
     stop = threading.Event()
@@ -383,7 +388,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_web(hub: Any, host: str, port: int, token: str | None) -> Any:
+def start_web(hub: Any, host: str, port: int, token: str | None, max_upload_mb: float = 512.0) -> Any:
     """The dashboard and JSON API on uvicorn in a thread, listening when this returns (``stop()`` ends it)."""
     try:
         from cloud_sync.web import WebServer, create_app, serve_note
@@ -394,7 +399,7 @@ def start_web(hub: Any, host: str, port: int, token: str | None) -> Any:
     note = serve_note(host, token or None)
     if note:
         log.warning("%s", note)
-    web = WebServer(create_app(hub, token=token or None), host=host, port=port).start()
+    web = WebServer(create_app(hub, token=token or None, max_upload_mb=max_upload_mb), host=host, port=port).start()
     log.info("dashboard on %s/", web.url)
     return web
 
@@ -425,6 +430,40 @@ def _api(url: str, path: str, *, method: str = "GET", body: dict[str, Any] | Non
     except (urllib.error.URLError, OSError) as e:
         raise EdgeRuntimeError(f"cannot reach cloud-sync at {url} ({getattr(e, 'reason', e)}): is "
                                "`cloud-sync serve` running, and is --url right?") from None
+
+
+def _upload_bundle(url: str, local: Path, token: str | None) -> str:
+    """Send a local bundle (.tar, or a directory: archived first) to the server; its path there."""
+    import tempfile
+    import urllib.error
+    import urllib.request
+
+    from edge_runtime.bundle import MANIFEST, _write_tar
+    from edge_runtime.errors import EdgeRuntimeError
+
+    with tempfile.TemporaryDirectory(prefix="cloud-sync-upload-") as tmp:
+        tar = local
+        if local.is_dir():
+            if not (local / MANIFEST).is_file():
+                raise EdgeRuntimeError(f"{local} has no {MANIFEST}: not a model bundle")
+            tar = Path(tmp) / "bundle.tar"
+            _write_tar(local, tar)
+        size = tar.stat().st_size
+        log.info("uploading %s (%.1f MB) to %s", local, size / 1e6, url)
+        headers = {"Content-Type": "application/x-tar", "Content-Length": str(size), "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        with tar.open("rb") as f:
+            req = urllib.request.Request(url.rstrip("/") + "/api/v1/bundles", data=f, method="POST", headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=600) as resp:
+                    return str(json.loads(resp.read())["bundle"])
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:300]
+                raise EdgeRuntimeError(f"uploading {local}: HTTP {e.code}: {detail}") from None
+            except (urllib.error.URLError, OSError) as e:
+                raise EdgeRuntimeError(f"cannot reach cloud-sync at {url} ({getattr(e, 'reason', e)}): is "
+                                       "`cloud-sync serve --http` running, and is --url right?") from None
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -516,7 +555,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise EdgeRuntimeError(f"cannot read the plan {args.plan}: {e}") from None
         local = Path(args.bundle)
-        bundle = str(local.resolve()) if local.exists() else args.bundle
+        bundle = _upload_bundle(args.url, local, args.token) if local.exists() and not args.on_server \
+            else args.bundle
         out = _api(args.url, "/api/v1/rollouts", method="POST", token=args.token, timeout=600,
                    body={"plan": text, "plan_name": args.plan, "bundle": bundle, "by": args.by})
         print(json.dumps(out, indent=2) if args.json else f"started {_rollout_line(out)} on {out.get('devices')} "

@@ -90,6 +90,7 @@ _MAX_BY: Final = 128
 _MAX_LABEL: Final = 128
 _MAX_REASON: Final = 256
 _SAFE_METHODS: Final = frozenset(("GET", "HEAD", "OPTIONS"))
+DEFAULT_MAX_UPLOAD_MB: Final = 512.0
 _NO_TOKEN_HELP: Final = (f"this server runs without a token, so it accepts changes only from this machine "
                          f"(loopback); start it with --token or set {TOKEN_ENV} to allow them from elsewhere")
 # Scripts and styles from this server only: device-supplied text can never run as script. uPlot styles
@@ -479,7 +480,8 @@ def _json(data: Any, status: int = 200) -> JSONResponse:
 # The app.
 
 def create_app(hub: Any, *, token: str | None, static_dir: str | Path = STATIC_DIR,
-               templates_dir: str | Path = TEMPLATES_DIR, poll_ms: int = DEFAULT_POLL_MS) -> Starlette:
+               templates_dir: str | Path = TEMPLATES_DIR, poll_ms: int = DEFAULT_POLL_MS,
+               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> Starlette:
     """The dashboard and JSON API over ``hub`` (a :class:`cloud_sync.hub.Hub`), as an ASGI app.
 
     ``token``: what ``Authorization: Bearer`` must carry on state-changing requests; None accepts them
@@ -651,6 +653,49 @@ def create_app(hub: Any, *, token: str | None, static_dir: str | Path = STATIC_D
             return _rollout_refusal(e)
         return _json(detail, 201)
 
+    async def api_bundle_upload(request: Request) -> Response:
+        """A bundle's .tar as the request body, kept in the bundles directory for a rollout to name
+        (``{"bundle": <path on this server>}``): so that `cloud-sync rollout start` works from
+        another machine. Verified when a rollout starts from it, like any bundle."""
+        import hashlib
+        import os
+        import tarfile
+        import tempfile
+
+        limit = int(max_upload_mb * 1024 * 1024)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _refuse(413, "too_large", f"the bundle is {int(length)} bytes, this server takes at most "
+                                             f"{limit} (--max-upload-mb)")
+        folder = Path(hub.rollouts_service.bundles_dir) / "uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".upload-", suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        return _refuse(413, "too_large", f"the bundle is over {limit} bytes (--max-upload-mb)")
+                    digest.update(chunk)
+                    f.write(chunk)
+            if size == 0:
+                return _refuse(400, "bad_request", "the body is empty: send the bundle's .tar")
+            try:
+                with tarfile.open(tmp) as tar:
+                    names = {m.name.lstrip("./") for m in tar.getmembers()}
+            except (tarfile.TarError, OSError) as e:
+                return _refuse(400, "bad_request", f"the body is not a tar archive: {e}")
+            if "manifest.json" not in names:
+                return _refuse(400, "bad_request", "the archive has no manifest.json: not a model bundle")
+            sha = digest.hexdigest()
+            final = folder / f"upload-{sha[:20]}.tar"
+            tmp.replace(final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return _json({"bundle": str(final), "sha256": sha, "size": size}, 201)
+
     async def api_rollout_action(request: Request) -> Response:
         body = await _json_body(request, required=False)
         by = _by(body)
@@ -707,6 +752,7 @@ def create_app(hub: Any, *, token: str | None, static_dir: str | Path = STATIC_D
         Route(f"{API}/drift", api_drift),
         Route(f"{API}/alerts", api_alerts),
         Route(f"{API}/alerts/{{alert_id}}/ack", api_ack, methods=["POST"]),
+        Route(f"{API}/bundles", api_bundle_upload, methods=["POST"]),
         Route(f"{API}/review", api_review),
         Route(f"{API}/review/{{item_id}}", api_review_resolve, methods=["POST"]),
         Route(f"{API}/rollouts", api_rollouts),

@@ -840,3 +840,50 @@ def test_a_plan_with_target_tags_reaches_only_the_devices_reporting_them(tmp_pat
         assert {r["id"]: r["tags"] for r in hub.devices()}["dev-05"] == ["site:lab"]
     finally:
         hub.close()
+
+
+def test_a_bundle_is_uploaded_so_a_rollout_can_start_from_another_machine(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`rollout start --bundle DIR` archives and uploads a local bundle; the server keeps it under its
+    sha256 and starts from its own copy. Not a tar, no manifest, too large: refused, nothing kept."""
+    pytest.importorskip("uvicorn", reason="the web extra is not installed")
+    from starlette.testclient import TestClient
+
+    from cloud_sync.web import WebServer, create_app
+
+    hub = Hub.for_tests(tmp_path / "c.db", publish=lambda t, b, q, r: True, clock=Clock(T0),
+                        bundles_dir=tmp_path / "share")
+    status_only(hub, DEVICES[:4])
+    web = WebServer(create_app(hub, token=TOKEN), port=0).start()
+    try:
+        (tmp_path / "plan.toml").write_text(plan_text(1))
+        bundle_dir = make_bundle(tmp_path / "here")
+        code = cli_main(["rollout", "start", str(tmp_path / "plan.toml"), "--bundle", str(bundle_dir), "--url", web.url,
+                         "--token", TOKEN, "--by", "ana"])
+        out, _ = capsys.readouterr()
+        assert code == 0 and "started digits-v4-r1" in out, out
+        uploads = list((tmp_path / "share" / "uploads").glob("upload-*.tar"))
+        assert len(uploads) == 1 and hub.rollouts_service.get("digits-v4-r1").candidate.version == "4"
+        assert not list((tmp_path / "share" / "uploads").glob(".upload-*"))
+    finally:
+        web.stop()
+    small = TestClient(create_app(hub, token=TOKEN, max_upload_mb=0.001), base_url="http://127.0.0.1")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert small.post("/api/v1/bundles", content=b"x" * 2000).status_code == 401  # a change needs the token
+    r = small.post("/api/v1/bundles", content=b"x" * 2000, headers=auth)
+    assert r.status_code == 413 and "--max-upload-mb" in r.json()["message"]
+    client = TestClient(create_app(hub, token=TOKEN), base_url="http://127.0.0.1")
+    r = client.post("/api/v1/bundles", content=b"not a tar at all" * 100, headers=auth)
+    assert r.status_code == 400 and "not a tar archive" in r.json()["message"]
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("model.onnx")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    r = client.post("/api/v1/bundles", content=buf.getvalue(), headers=auth)
+    assert r.status_code == 400 and "no manifest.json" in r.json()["message"]
+    assert len(list((tmp_path / "share" / "uploads").iterdir())) == 1
+    hub.close()
