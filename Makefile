@@ -87,3 +87,8 @@ bench: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache .hypothesis
+
+# Raspberry Pi 4 and 5 under qemu-user: the agent installs, imports and serves on aarch64 (PI_CHECK_ARGS=--help).
+pi-check: $(VENV)/.installed-demo $(MODELS)/digits_mlp.onnx
+	$(BIN)/python devices/pi_check.py $(PI_CHECK_ARGS)
+.PHONY: pi-check

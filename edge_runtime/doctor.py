@@ -167,7 +167,9 @@ def cpu_check(cpuinfo: str | None, machine: str = "") -> Check:
     if not f:
         return Check("cpu", "skip", f"/proc/cpuinfo lists no flags or Features ({machine or 'unknown CPU'})")
     measure = "measure with `edge-runtime quantize`"
-    x86 = bool(f & {"sse2", "avx", "avx2"}) or machine in ("x86_64", "amd64", "i686")
+    arm = machine in ("aarch64", "arm64", "armv7l", "armv8l")
+    # Under qemu-user, /proc/cpuinfo is the host's: on an Arm machine, x86 flags mean nothing.
+    x86 = not arm and (bool(f & {"sse2", "avx", "avx2"}) or machine in ("x86_64", "amd64", "i686"))
     if x86:
         if f & {"avx512_vnni", "avx_vnni", "avx512vnni"}:
             kind = "AVX512-VNNI" if f & {"avx512_vnni", "avx512vnni"} else "AVX-VNNI"
@@ -180,6 +182,9 @@ def cpu_check(cpuinfo: str | None, machine: str = "") -> Check:
         if "asimddp" in f:
             return Check("cpu", "ok", f"NEON + dot product (asimddp{extra}): int8 matmuls fast")
         return Check("cpu", "ok", f"NEON, no dot-product instructions: int8 may not beat fp32; {measure}")
+    if arm:
+        return Check("cpu", "warn", f"{machine}, but /proc/cpuinfo lists no NEON/asimd (emulated? it may be the "
+                     "host's): measure with `edge-runtime bench`")
     return Check("cpu", "warn", f"no NEON/asimd or AVX2 found ({machine or 'unknown CPU'}): expect slow inference")
 
 

@@ -83,6 +83,11 @@ def test_cpuinfo_x86(text: str, verdict: str, words: str) -> None:
     assert (c.verdict, words in c.detail) == (verdict, True), c
 
 
+def test_an_emulated_arm_machine_reading_the_hosts_x86_cpuinfo_is_not_called_x86() -> None:
+    c = cpu_check(X86_VNNI, "aarch64")  # qemu-user passes the host's /proc/cpuinfo through
+    assert c.verdict == "warn" and "VNNI" not in c.detail and "emulated" in c.detail, c
+
+
 def test_cpuinfo_missing_or_empty_is_skipped() -> None:
     assert cpu_check(None).verdict == "skip"
     assert cpu_check("processor\t: 0\n", "riscv64").verdict == "skip"
