@@ -408,10 +408,7 @@ def start_web(hub: Any, host: str, port: int, token: str | None, max_upload_mb: 
 
 def _api(url: str, path: str, *, method: str = "GET", body: dict[str, Any] | None = None,
          token: str | None = None, timeout: float = 10.0) -> Any:
-    import urllib.error
     import urllib.request
-
-    from edge_runtime.errors import EdgeRuntimeError
 
     headers = {"Accept": "application/json"}
     data = None
@@ -421,12 +418,22 @@ def _api(url: str, path: str, *, method: str = "GET", body: dict[str, Any] | Non
     if token:
         headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
+    return _send(req, url, f"{method} {url}{path}", timeout)
+
+
+def _send(req: Any, url: str, what: str, timeout: float) -> Any:
+    """The JSON answer to ``req``; an HTTP error or an unreachable server as an EdgeRuntimeError."""
+    import urllib.error
+    import urllib.request
+
+    from edge_runtime.errors import EdgeRuntimeError
+
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace")[:300]
-        raise EdgeRuntimeError(f"{method} {url}{path}: HTTP {e.code}: {detail}") from None
+        raise EdgeRuntimeError(f"{what}: HTTP {e.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as e:
         raise EdgeRuntimeError(f"cannot reach cloud-sync at {url} ({getattr(e, 'reason', e)}): is "
                                "`cloud-sync serve` running, and is --url right?") from None
@@ -435,7 +442,6 @@ def _api(url: str, path: str, *, method: str = "GET", body: dict[str, Any] | Non
 def _upload_bundle(url: str, local: Path, token: str | None) -> str:
     """Send a local bundle (.tar, or a directory: archived first) to the server; its path there."""
     import tempfile
-    import urllib.error
     import urllib.request
 
     from edge_runtime.bundle import MANIFEST, _write_tar
@@ -455,15 +461,7 @@ def _upload_bundle(url: str, local: Path, token: str | None) -> str:
             headers["Authorization"] = f"Bearer {token}"
         with tar.open("rb") as f:
             req = urllib.request.Request(url.rstrip("/") + "/api/v1/bundles", data=f, method="POST", headers=headers)
-            try:
-                with urllib.request.urlopen(req, timeout=600) as resp:
-                    return str(json.loads(resp.read())["bundle"])
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode(errors="replace")[:300]
-                raise EdgeRuntimeError(f"uploading {local}: HTTP {e.code}: {detail}") from None
-            except (urllib.error.URLError, OSError) as e:
-                raise EdgeRuntimeError(f"cannot reach cloud-sync at {url} ({getattr(e, 'reason', e)}): is "
-                                       "`cloud-sync serve --http` running, and is --url right?") from None
+            return str(_send(req, url, f"uploading {local}", 600)["bundle"])
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
