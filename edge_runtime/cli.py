@@ -685,7 +685,7 @@ def _escalator(args: argparse.Namespace, name: str, ref: Any, uplink: Any, route
         if not uplink.transport.connected:
             return False
         try:
-            return uplink.transport.publish(msg.topic, msg.to_wire(), qos=msg.QOS, retain=msg.RETAIN) is not False
+            return uplink.transport.publish(msg.topic, msg.to_wire(), qos=msg.QOS, retain=msg.RETAIN) is not None
         except Exception as e:  # the link broke under us: the local answer stands
             log.debug("escalation not sent: %s", e)
             return False
