@@ -920,6 +920,17 @@ class Label(NamedTuple):
     label: int | float | str
 
 
+def _label_value(v: object, name: str) -> int | float | str:
+    if type(v) is float:
+        if not math.isfinite(v):
+            raise ProtocolError("bad_value", f"{name} is {v}")
+    elif type(v) is str:
+        _text(v, name)
+    elif type(v) is not int:
+        raise _bad_type(name, v, "int, float or str")
+    return v  # type: ignore[return-value]
+
+
 @dataclass(frozen=True, slots=True)
 class LabelFeedback(_Message):
     """Labels the cloud learned (from people or downstream systems), for on-device accuracy.
@@ -955,14 +966,7 @@ class LabelFeedback(_Message):
                     raise ProtocolError("bad_value", f"{name}.ref has {len(ref)} items, expected [boot_id, seq] "
                                         "or an input id")
                 ref = PredictionKey(_ident(ref[0], f"{name}.ref.boot_id"), _int(ref[1], f"{name}.ref.seq"))
-            if type(value) is float:
-                if not math.isfinite(value):
-                    raise ProtocolError("bad_value", f"{name}.label is {value}")
-            elif type(value) is str:
-                _text(value, f"{name}.label")
-            elif type(value) is not int:
-                raise _bad_type(f"{name}.label", value, "int, float or str")
-            labels.append(Label(ref, value))
+            labels.append(Label(ref, _label_value(value, f"{name}.label")))
         _set(self, "labels", tuple(labels))
 
     def _to_obj(self) -> dict[str, Any]:
@@ -1018,17 +1022,6 @@ class Command(_Message):
             return cls(device_id, action, _get(o, "command_id"), _get(o, "issued_ms"), _get(o, "params"),
                        o.get("expires_ms"))
         return from_obj
-
-
-def _label_value(v: object, name: str) -> int | float | str:
-    if type(v) is float:
-        if not math.isfinite(v):
-            raise ProtocolError("bad_value", f"{name} is {v}")
-    elif type(v) is str:
-        _text(v, name)
-    elif type(v) is not int:
-        raise _bad_type(name, v, "int, float or str")
-    return v  # type: ignore[return-value]
 
 
 def _opt_score(v: object, name: str) -> float | None:
