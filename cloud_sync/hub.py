@@ -333,38 +333,37 @@ class Hub:
                 continue
             else:
                 reason = "low_confidence"
-            key = (batch.device_id, hour)
-            if self._review_quota.get(key, 0) >= self.review_per_device_hour:
-                continue
             model = pl.get("m") if isinstance(pl.get("m"), str) else "?"
             item = {"prediction_id": pid, "label": pl.get("y"), "score": score, "model": model,
                     "boot_id": batch.boot_id, "seq": r.seq, "created_ms": r.created_ms, "reason": reason}
             if isinstance(pl.get("input"), dict):
                 item["input"] = pl["input"]
-            if self.store.add_review(f"{batch.device_id}:{pid}", device_id=batch.device_id, model=model, payload=item,
-                                     created_ms=now_ms):
-                self._review_quota[key] = self._review_quota.get(key, 0) + 1
-                self.counters["reviews_added"] += 1
+            self._add_review(batch.device_id, pid, model, item, now_ms)
         if len(self._review_quota) > 10_000:  # old hours
             self._review_quota = {k: v for k, v in self._review_quota.items() if k[1] >= hour}
+
+    def _add_review(self, device_id: str, pid: str, model: str, item: dict[str, Any], now_ms: int) -> bool:
+        """One review item per prediction (``<device>:<prediction id>``), within the device's hourly cap;
+        False when over the cap or already queued. Call with the lock held."""
+        key = (device_id, now_ms // 3_600_000)
+        if self._review_quota.get(key, 0) >= self.review_per_device_hour:
+            return False
+        if not self.store.add_review(f"{device_id}:{pid}", device_id=device_id, model=model, payload=item,
+                                     created_ms=now_ms):
+            return False
+        self._review_quota[key] = self._review_quota.get(key, 0) + 1
+        self.counters["reviews_added"] += 1
+        return True
 
     def review_escalation(self, msg: p.Escalation, answer: p.EscalationAnswer, now_ms: int) -> bool:
         """Both answers to an escalated input, as one review item (the prediction's id, so a
         low-confidence pick of the same prediction does not queue it twice), within the hourly cap."""
-        key = (msg.device_id, now_ms // 3_600_000)
+        item = {"prediction_id": msg.id, "label": msg.local_label, "score": msg.local_score, "model": msg.model,
+                "model_version": msg.version, "created_ms": msg.sent_ms, "reason": "escalation",
+                "escalation_reasons": list(msg.reasons),
+                "cloud": {"label": answer.label, "score": answer.score, "model": answer.cloud_model}}
         with self.lock:
-            if self._review_quota.get(key, 0) >= self.review_per_device_hour:
-                return False
-            item = {"prediction_id": msg.id, "label": msg.local_label, "score": msg.local_score, "model": msg.model,
-                    "model_version": msg.version, "created_ms": msg.sent_ms, "reason": "escalation",
-                    "escalation_reasons": list(msg.reasons),
-                    "cloud": {"label": answer.label, "score": answer.score, "model": answer.cloud_model}}
-            if not self.store.add_review(f"{msg.device_id}:{msg.id}", device_id=msg.device_id, model=msg.model,
-                                         payload=item, created_ms=now_ms):
-                return False
-            self._review_quota[key] = self._review_quota.get(key, 0) + 1
-            self.counters["reviews_added"] += 1
-            return True
+            return self._add_review(msg.device_id, msg.id, msg.model, item, now_ms)
 
     def review_items(self, state: str = "pending", limit: int = 100) -> list[dict[str, Any]]:
         if state not in REVIEW_STATES:
