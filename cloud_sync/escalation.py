@@ -170,7 +170,7 @@ class EscalationServer:
             if not isinstance(msg, p.Escalation):
                 raise p.ProtocolError("unknown_kind", f"expected an escalation, got {type(msg).__name__}")
         except p.ProtocolError as e:
-            self._refuse(e.reason if hasattr(e, "reason") else "bad_payload")
+            self._refuse(e.reason)
             log.warning("escalation refused: %s", e)
             return None
         model = self.models.get(msg.model) or self.models.get(DEFAULT_MODEL)

@@ -169,9 +169,8 @@ def answer_route(device_id: str, escalators: dict[str, Escalator],
                 raise p.ProtocolError("bad_value", f"model {msg.model!r} is not escalated here "
                                       f"({', '.join(sorted(escalators)) or 'none'})")
         except p.ProtocolError as e:
-            for esc in escalators.values():
-                esc.counts["malformed"] += 1
-                break
+            if escalators:  # counted once, under the first escalated model (an answer names no other)
+                next(iter(escalators.values())).counts["malformed"] += 1
             if on_malformed is not None:
                 on_malformed(str(e))
             log.warning("escalation answer ignored: %s", e)
