@@ -147,6 +147,16 @@ class Fleet:
         except (BrokenPipeError, ValueError, OSError):
             return  # the agent stopped
 
+    def wait_rollout(self, rid: str, cond, timeout: float, what: str, seen: str = "") -> None:
+        """wait_until; on a timeout the message also has the rollout's state, gates, events and devices."""
+        try:
+            wait_until(cond, timeout, what)
+        except AssertionError:
+            d = self.svc.hub.rollouts_service.detail(rid)
+            raise AssertionError(f"timed out waiting for {what}; {seen}; state {d.get('state')} {d.get('stage')}; "
+                                 f"gates {d.get('gates')}; events {d.get('events')}; devices "
+                                 f"{json.dumps(d.get('devices'))[:3000]}") from None
+
     def versions(self) -> dict[str, str]:
         out = {}
         for row in self.svc.hub.devices():
@@ -188,13 +198,7 @@ def test_a_good_candidate_reaches_every_agent_and_a_degraded_one_is_rolled_back(
                 stages.append(r.stage)
             return r.state == "done"
 
-        try:
-            wait_until(progressed, 150, "the rollout of version 2 to finish")
-        except AssertionError:
-            d = svc.detail(rid)
-            raise AssertionError(f"stages {stages}; state {d.get('state')} {d.get('stage')}; gates {d.get('gates')}; "
-                                 f"evaluation {d.get('evaluation') or d.get('last_evaluation')}; devices "
-                                 f"{json.dumps(d.get('devices'))[:3000]}") from None
+        fleet.wait_rollout(rid, progressed, 150, "the rollout of version 2 to finish", f"stages {stages}")
         assert stages[0] == "shadow" and stages[-1] == "done" and "step-1" in stages
         wait_until(lambda: set(fleet.versions().values()) == {"2"}, 30, "every agent on version 2")
         detail = svc.detail(rid)
@@ -243,13 +247,8 @@ def test_at_the_human_levels_rollouts_wait_for_a_person(watched_release, models_
                 svc.approve(rid, by="alice")
             return r.state == "done"
 
-        try:
-            wait_until(approve_each_step, 180, "the level-2 rollout of version 2 to finish with approvals")
-        except AssertionError:
-            d = svc.detail(rid)
-            raise AssertionError(f"approved {approved}; state {d.get('state')} {d.get('stage')}; gates "
-                                 f"{d.get('gates')}; events {d.get('events')}; devices "
-                                 f"{json.dumps(d.get('devices'))[:3000]}") from None
+        fleet.wait_rollout(rid, approve_each_step, 180, "the level-2 rollout of version 2 to finish with approvals",
+                           f"approved {approved}")
         assert approved[:3] == ["step-0", "step-1", "step-2"], approved
         events = svc.detail(rid)["events"]
         advances = [e for e in events if e["what"] == "advance"]
